@@ -1,0 +1,1 @@
+"""lgdlm-ds: LGDLM (an MMDiT over text tokens and one latent vector) trained under DeepSpeed."""

@@ -1,0 +1,325 @@
+"""Typed run configuration: recipe YAML + dotted ``key=value`` overrides, validated before any work.
+
+Every field carries a docstring; ``load_config`` rejects unknown keys (suggesting the nearest valid
+one), keys the older code accepted but ignored, and inconsistent settings, naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+MODES = ("l2t", "t2l", "unconditional", "random", "sequential", "cycle_vae")
+BASE_MODES = ("l2t", "t2l", "unconditional")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 30522
+    """Text vocabulary size; token ids must be < this. bert-base-uncased: 30522."""
+    hidden_size: int = 1024
+    """Width H of both modality streams (text tokens and the one latent token)."""
+    cond_dim: int = 1024
+    """Width C of the timestep conditioning vector fed to every MMDiT block."""
+    n_blocks: int = 24
+    """Number of MMDiT blocks (depth)."""
+    max_seq_len: int = 2048
+    """Text length S; the learned position embedding has this many rows."""
+    latent_dim: int = 32
+    """Size D of the per-sample latent vector."""
+    num_residual_streams: int = 2
+    """Hyper-connection residual streams in the MMDiT (1 = plain residuals)."""
+    dropout: float = 0.0
+    """Dropout inside the latent head (the only dropout the older model had)."""
+    attn_heads: int = 8
+    """Attention heads. 8 x 64 is the shape of the older checkpoints (they ignored ``n_heads``)."""
+    attn_dim_head: int = 64
+    """Size of one attention head."""
+    qk_norm: bool = False
+    """Per-head RMS-normalise queries and keys. Off reproduces the older checkpoints."""
+    activation_checkpointing: bool = False
+    """Recompute each MMDiT block in backward (torch.utils.checkpoint, non-reentrant): less
+    activation memory, about one extra forward of compute; results are identical."""
+
+
+@dataclass
+class DiffusionConfig:
+    latent_schedule: str = "cosine"
+    """Noise schedule of the latent Gaussian diffusion: cosine | linear | sigmoid."""
+    latent_num_timesteps: int = 1000
+    """Discrete steps of the schedule table; continuous t in [0,1] maps to floor(t*(T-1))."""
+    latent_parameterization: str = "x0"
+    """What the latent head predicts: epsilon | x0 | v."""
+    x0_min_sqrt_alpha_bar: float = 0.05
+    """Guard for recovering x0 from an epsilon prediction: divide by max(sqrt(alpha_bar), this).
+    At t=1 (cosine) sqrt(alpha_bar) is 1.6e-5 and would amplify the error 6.4e4 times; with 0.05
+    the amplification is at most 20x (x0 shrinks toward 0 for t > ~0.97). Watch ``x0_pred_norm``."""
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = "cycle_vae"
+    """Objective: l2t | t2l | unconditional | random | sequential | cycle_vae."""
+    latent_loss_weight: float = 1.0
+    """Weight of every T2L/latent term relative to the text cross-entropy (cycle_latent has its
+    own weight)."""
+    latent_loss_type: str = "mse"
+    """mse: mean squared error on the diffusion target (supervises direction and norm).
+    normalized_mse: MSE between L2-normalised vectors, as the older runs did (norm unsupervised)."""
+    text_elbo_weighting: bool = False
+    """MDLM ELBO: weight masked-token CE by 1/mask_prob and average over all real tokens. Off
+    averages CE over masked tokens (the older runs). Changes only the unconditional text term."""
+    cycle_text_weight: float = 0.1
+    """Base weight of cycle_text (text -> T2L x0 -> L2T -> text CE)."""
+    cycle_text_warmup_steps: int = 0
+    """Steps with cycle_text off."""
+    cycle_text_ramp_steps: int = 0
+    """Steps of linear ramp from 0 to the base weight after warmup (0: jump to base)."""
+    cycle_latent_weight: float = 0.1
+    """Base weight of cycle_latent (latent -> L2T pseudo tokens -> T2L -> latent loss)."""
+    cycle_latent_warmup_steps: int = 0
+    """Steps with cycle_latent off."""
+    cycle_latent_ramp_steps: int = 0
+    """Steps of linear ramp from 0 to the base weight after warmup (0: jump to base)."""
+    cycle_latent_sampling: str = "argmax"
+    """How pseudo tokens are taken from the base L2T logits: argmax | categorical."""
+    latent_t_mode: str = "full"
+    """Latent time of every T2L pass: full (t=1, as pretrained T2L checkpoints were trained) or
+    random (uniform in [cycle_latent_t_min, cycle_latent_t_max])."""
+    cycle_latent_t_min: float = 0.0
+    """Lower bound of the latent time when latent_t_mode is random."""
+    cycle_latent_t_max: float = 0.98
+    """Upper bound of the latent time when latent_t_mode is random."""
+    cycle_stop_grad_latent: bool = True
+    """Detach the T2L x0 estimate before cycle_text uses it (cycle_text then trains only the
+    L2T direction through that input)."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """synthetic (random sentences with a learnable latent) | per_sample (older tokens/ + latents/)."""
+    path: str = ""
+    """Dataset root for per_sample: holds tokens/<name>.npz and latents/<name>.npy."""
+    val_fraction: float = 0.01
+    """Share of samples held out for validation, split by a hash of the sample name."""
+    num_samples: int = 4096
+    """Synthetic only: samples in the training split."""
+    mask_token_id: int = 103
+    """Absorbing [MASK] id of the tokenizer (bert-base-uncased: 103)."""
+    pad_token_id: int = 0
+    """Padding id of the tokenizer (bert-base-uncased: 0)."""
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
+    """Seed of model init, noise and data order; the same seed reproduces a run."""
+    micro_batch_size: int = 4
+    """Samples per rank per micro-step."""
+    mode_weights: dict[str, float] = field(
+        default_factory=lambda: {"l2t": 1.0, "t2l": 1.0, "unconditional": 1.0})
+    """loss_type random: relative probability of l2t / t2l / unconditional, drawn per step
+    (the same draw on every rank)."""
+    mode_schedule: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"type": "l2t", "steps": 1}, {"type": "t2l", "steps": 1}])
+    """loss_type sequential: [{type, steps}] cycled by step, in training and evaluation alike."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The MMDiT text+latent model."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Latent diffusion schedule and parameterisation."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective and its weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where samples come from."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimisation loop settings."""
+
+
+# Keys the older code accepted but never used; a recipe that still sets them must be told so.
+_IGNORED_UPSTREAM_KEYS = {
+    "model.n_heads": "the older code ignored `n_heads` and always ran 8 heads x 64. Use "
+                     "model.attn_heads (and model.attn_dim_head); 8 x 64 loads the older checkpoints.",
+    "model.qk_rmsnorm": "the older code accepted `qk_rmsnorm` but never applied it. Use "
+                        "model.qk_norm; false reproduces the older checkpoints.",
+}
+
+
+def _valid_keys(cls) -> list[str]:
+    """Dotted names of every leaf field, e.g. 'model.hidden_size'."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            keys += [f"{f.name}.{k}" for k in _valid_keys(f.default_factory)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
+    if key in _IGNORED_UPSTREAM_KEYS:
+        return ConfigError(f"config key '{key}': {_IGNORED_UPSTREAM_KEYS[key]}")
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a YAML value against the field's default type (ints are accepted for floats)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {value!r}.")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, valid: Sequence[str]):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}.")
+    obj = cls()
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), valid)
+        default = getattr(obj, key)
+        if dataclasses.is_dataclass(default):
+            setattr(obj, key, _build(type(default), value or {}, f"{prefix}{key}.", valid))
+        else:
+            setattr(obj, key, _coerce(prefix + key, value, default))
+    return obj
+
+
+def _apply_override(tree: dict, override: str, valid: Sequence[str]) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form section.key=value.")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    # A leaf key, or an entry inside a mapping-valued leaf (training.mode_weights.l2t=2).
+    if not any(key == v or key.startswith(v + ".") for v in valid):
+        raise _unknown_key(key, valid)
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{p}' is not a mapping in the recipe.")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a recipe YAML (or start from defaults when ``path`` is None), apply ``"a.b=value"``
+    overrides, and validate. Raises ConfigError naming the offending key."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{path}' does not exist.")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections.")
+    valid = _valid_keys(Config)
+    for o in overrides:
+        _apply_override(tree, o, valid)
+    cfg = _build(Config, tree, "", valid)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject settings that cannot train or that train something degenerate."""
+    m, d, lo, data, tr = cfg.model, cfg.diffusion, cfg.loss, cfg.data, cfg.training
+    for key in ("vocab_size", "hidden_size", "cond_dim", "n_blocks", "max_seq_len", "latent_dim",
+                "num_residual_streams", "attn_heads", "attn_dim_head"):
+        _require(getattr(m, key) > 0, f"model.{key}", "must be positive.")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1).")
+    _require(d.latent_schedule in ("cosine", "linear", "sigmoid"), "diffusion.latent_schedule",
+             f"'{d.latent_schedule}' is not one of cosine, linear, sigmoid.")
+    _require(d.latent_parameterization in ("epsilon", "x0", "v"), "diffusion.latent_parameterization",
+             f"'{d.latent_parameterization}' is not one of epsilon, x0, v.")
+    _require(d.latent_num_timesteps >= 2, "diffusion.latent_num_timesteps", "must be at least 2.")
+    _require(0.0 < d.x0_min_sqrt_alpha_bar <= 1.0, "diffusion.x0_min_sqrt_alpha_bar", "must be in (0, 1].")
+    _require(lo.loss_type in MODES, "loss.loss_type", f"'{lo.loss_type}' is not one of {', '.join(MODES)}.")
+    _require(lo.latent_loss_type in ("mse", "normalized_mse"), "loss.latent_loss_type",
+             f"'{lo.latent_loss_type}' is not one of mse, normalized_mse.")
+    for key in ("latent_loss_weight", "cycle_text_weight", "cycle_latent_weight",
+                "cycle_text_warmup_steps", "cycle_text_ramp_steps",
+                "cycle_latent_warmup_steps", "cycle_latent_ramp_steps"):
+        _require(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}.")
+    _require(lo.cycle_latent_sampling in ("argmax", "categorical"), "loss.cycle_latent_sampling",
+             f"'{lo.cycle_latent_sampling}' is not one of argmax, categorical.")
+    _require(lo.latent_t_mode in ("full", "random"), "loss.latent_t_mode",
+             f"'{lo.latent_t_mode}' is not one of full, random.")
+    _require(0.0 <= lo.cycle_latent_t_min < lo.cycle_latent_t_max <= 1.0, "loss.cycle_latent_t_min",
+             f"need 0 <= cycle_latent_t_min < cycle_latent_t_max <= 1, got "
+             f"{lo.cycle_latent_t_min} and {lo.cycle_latent_t_max}.")
+    trains_t2l_at_one = lo.latent_t_mode == "full" and (
+        lo.loss_type in ("t2l", "cycle_vae")
+        or (lo.loss_type == "random" and tr.mode_weights.get("t2l", 0) > 0)
+        or (lo.loss_type == "sequential" and any(s.get("type") == "t2l" for s in tr.mode_schedule)))
+    _require(not (d.latent_parameterization == "epsilon" and trains_t2l_at_one),
+             "diffusion.latent_parameterization",
+             "an epsilon target with the T2L latent time fixed at 1 (loss.latent_t_mode: full) is "
+             "degenerate: at t=1 the noisy latent IS the noise, so copying the input minimises the "
+             "loss and the text is ignored. Use latent_parameterization x0 or v (v ~ -x0 at t=1), "
+             "or loss.latent_t_mode: random.")
+    _require(data.kind in ("synthetic", "per_sample"), "data.kind",
+             f"'{data.kind}' is not one of synthetic, per_sample.")
+    _require(data.kind != "per_sample" or bool(data.path), "data.path",
+             "data.kind per_sample needs the dataset root (holding tokens/ and latents/).")
+    _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1).")
+    _require(data.num_samples > 0, "data.num_samples", "must be positive.")
+    for key in ("mask_token_id", "pad_token_id"):
+        _require(0 <= getattr(data, key) < m.vocab_size, f"data.{key}",
+                 f"{getattr(data, key)} is outside the vocabulary [0, {m.vocab_size}).")
+    _require(data.mask_token_id != data.pad_token_id, "data.mask_token_id", "must differ from pad_token_id.")
+    _require(tr.micro_batch_size > 0, "training.micro_batch_size", "must be positive.")
+    if lo.loss_type == "random":
+        for mode, w in tr.mode_weights.items():
+            _require(mode in BASE_MODES, "training.mode_weights",
+                     f"'{mode}' is not one of {', '.join(BASE_MODES)}.")
+            _require(isinstance(w, (int, float)) and w >= 0, "training.mode_weights",
+                     f"weight of '{mode}' must be >= 0, got {w!r}.")
+        _require(sum(tr.mode_weights.values()) > 0, "training.mode_weights", "needs a positive weight.")
+    if lo.loss_type == "sequential":
+        _require(len(tr.mode_schedule) > 0, "training.mode_schedule", "needs at least one entry.")
+        for i, s in enumerate(tr.mode_schedule):
+            _require(isinstance(s, dict) and set(s) == {"type", "steps"}, f"training.mode_schedule[{i}]",
+                     f"must be {{type, steps}}, got {s!r}.")
+            _require(s["type"] in BASE_MODES, f"training.mode_schedule[{i}].type",
+                     f"'{s['type']}' is not one of {', '.join(BASE_MODES)}.")
+            _require(isinstance(s["steps"], int) and s["steps"] > 0, f"training.mode_schedule[{i}].steps",
+                     f"must be a positive integer, got {s['steps']!r}.")

@@ -1,0 +1,212 @@
+"""The LGDLM model: text tokens + one latent token through a two-modality MMDiT.
+
+Parameter names are those of the older checkpoints (text_encoder, latent_encoder, conditioning,
+mmdit, text_head, latent_head), so their weights load unchanged. What differs from the older
+model: heads and head size are really passed to the attention, ``qk_norm`` really reaches it,
+attention runs through scaled-dot-product attention, latent_pred is [B, D], callers choose which
+heads run on which rows, and each MMDiT block can be checkpointed.
+
+``python -m lgdlm_ds.model RECIPE.yaml [key=value ...]`` prints the parameter count (meta device).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+from mmdit.mmdit_generalized_pytorch import MMDiT
+from mmdit.mmdit_pytorch import MultiHeadRMSNorm
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ConfigError, ModelConfig, load_config
+from .text_head import TextHead
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 1e4) -> Tensor:
+    """Sinusoidal embedding of raw t in [0, 1] (the older model never rescaled t)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = timestep_embedding(t, self.frequency_size)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Conditioning(nn.Module):
+    """One conditioning vector from the text and latent times, shared by every block."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.text_sigma_map = TimestepEmbedder(cond_dim)
+        self.latent_sigma_map = TimestepEmbedder(cond_dim)
+        self.combine = nn.Sequential(nn.Linear(2 * cond_dim, 4 * cond_dim), nn.SiLU(),
+                                     nn.Linear(4 * cond_dim, cond_dim))
+
+    def forward(self, text_t: Tensor, latent_t: Tensor) -> Tensor:
+        both = torch.cat([F.silu(self.text_sigma_map(text_t)), F.silu(self.latent_sigma_map(latent_t))], dim=-1)
+        return self.combine(both)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, max_seq_len: int):
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, hidden)
+        self.position_embed = nn.Parameter(torch.randn(1, max_seq_len, hidden) * 0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.token_embed(tokens) + self.position_embed[:, : tokens.shape[1]]
+
+
+class LatentEncoder(nn.Module):
+    def __init__(self, latent_dim: int, hidden: int):
+        super().__init__()
+        self.projection = nn.Sequential(nn.Linear(latent_dim, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
+                                        nn.Linear(2 * hidden, hidden))
+        self.position_embed = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.projection(latents)[:, None] + self.position_embed
+
+
+def _scalar_params_to_1d(module: nn.Module) -> list[str]:
+    """Re-register 0-dim parameters with shape (1,). DeepSpeed's initial parameter broadcast
+    views every parameter as bytes, which fails on 0-dim tensors; the hyper-connections hold
+    some (h_post_scale). Broadcasting makes (1,) compute exactly what () did."""
+    names = []
+    for name, p in list(module.named_parameters()):
+        if p.dim() == 0:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            setattr(owner, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+            names.append(name)
+    return names
+
+
+def _enable_qk_norm(mmdit: MMDiT, heads: int, dim_head: int) -> None:
+    """The generalized MMDiT block accepts qk_rmsnorm but never hands it to its JointAttention;
+    give each attention the per-head RMSNorms it would have built with the flag."""
+    for block in mmdit.blocks:
+        attn = block.joint_attn
+        attn.qk_rmsnorm = True
+        attn.q_rmsnorms = nn.ModuleList([MultiHeadRMSNorm(dim_head, heads=heads) for _ in range(attn.num_inputs)])
+        attn.k_rmsnorms = nn.ModuleList([MultiHeadRMSNorm(dim_head, heads=heads) for _ in range(attn.num_inputs)])
+
+
+class LGDLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, C = cfg.hidden_size, cfg.cond_dim
+        self.text_encoder = TextEncoder(cfg.vocab_size, H, cfg.max_seq_len)
+        self.latent_encoder = LatentEncoder(cfg.latent_dim, H)
+        self.conditioning = Conditioning(C)
+        self.mmdit = MMDiT(depth=cfg.n_blocks, dim_modalities=(H, H), dim_cond=C,
+                           num_residual_streams=cfg.num_residual_streams,
+                           heads=cfg.attn_heads, dim_head=cfg.attn_dim_head, flash_attn=True)
+        self.scalar_param_names = ["mmdit." + n for n in _scalar_params_to_1d(self.mmdit)]
+        if cfg.qk_norm:
+            _enable_qk_norm(self.mmdit, cfg.attn_heads, cfg.attn_dim_head)
+        self.text_head = TextHead(H, cfg.vocab_size)
+        self.latent_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Dropout(cfg.dropout),
+                                         nn.Linear(2 * H, cfg.latent_dim))
+        self._register_load_state_dict_pre_hook(self._accept_scalar_params)
+
+    def _accept_scalar_params(self, state_dict, prefix, *args, **kwargs):
+        """Older checkpoints store the hyper-connection scalars with shape (); ours are (1,)."""
+        for name in self.scalar_param_names:
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+
+    def trunk(self, text_tokens: Tensor, latents: Tensor, text_timesteps: Tensor | None = None,
+              latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run the MMDiT; returns hidden states (text [B,S,H], latent [B,H]) before the heads."""
+        B, S = text_tokens.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"text length {S} exceeds model.max_seq_len {self.cfg.max_seq_len}.")
+        if latents.dim() == 3:
+            if latents.shape[1] != 1:
+                raise ValueError(f"latents must be [B, D] or [B, 1, D], got {tuple(latents.shape)}.")
+            latents = latents[:, 0]
+        if latents.shape != (B, self.cfg.latent_dim):
+            raise ValueError(f"latents must be [{B}, {self.cfg.latent_dim}], got {tuple(latents.shape)}.")
+        zeros = torch.zeros(B, device=text_tokens.device)
+        text_t = zeros if text_timesteps is None else text_timesteps
+        latent_t = zeros if latent_timesteps is None else latent_timesteps
+        cond = self.conditioning(text_t, latent_t)
+        text = self.text_encoder(text_tokens)
+        latent = self.latent_encoder(latents.to(text.dtype))
+        masks = (None if attention_mask is None else attention_mask.bool(), None)
+
+        streams = [self.mmdit.expand_streams(x) for x in (text, latent)]
+        for block in self.mmdit.blocks:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                streams = checkpoint(block, modality_tokens=streams, modality_masks=masks, time_cond=cond,
+                                     use_reentrant=False)
+            else:
+                streams = block(modality_tokens=streams, modality_masks=masks, time_cond=cond)
+        text, latent = (norm(self.mmdit.reduce_streams(x)) for x, norm in zip(streams, self.mmdit.norms))
+        return text, latent[:, 0]
+
+    def forward(self, text_tokens: Tensor, latents: Tensor, text_timesteps: Tensor | None = None,
+                latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                text_rows: Tensor | bool = True, latent_rows: Tensor | bool = True):
+        """Returns (text_logits, latent_pred).
+
+        ``text_rows`` / ``latent_rows`` choose which heads run on which rows: True (all rows,
+        the default), False (head skipped, None returned), or a bool [B] row mask (outputs for
+        the selected rows only, in batch order). text_logits is [rows, S, V], latent_pred [rows, D].
+        """
+        text_h, latent_h = self.trunk(text_tokens, latents, text_timesteps, latent_timesteps, attention_mask)
+        return _select(text_h, text_rows, self.text_head), _select(latent_h, latent_rows, self.latent_head)
+
+
+def _select(hidden: Tensor, rows: Tensor | bool, head: nn.Module) -> Tensor | None:
+    if rows is False:
+        return None
+    return head(hidden if rows is True else hidden[rows])
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LGDLM:
+    """Build the model. The hyper-connections pick an initial residual stream with Python's
+    ``random``; it is seeded from torch's generator here so one torch seed gives one model."""
+    state = random.getstate()
+    random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return LGDLM(cfg)
+    finally:
+        random.setstate(state)
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    by_module = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    return {"total_params": sum(by_module.values()), "mmdit_params": by_module.get("mmdit", 0), "by_module": by_module}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0].startswith("-"):
+        sys.exit("usage: python -m lgdlm_ds.model RECIPE.yaml [key=value ...]")
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(parameter_counts(build_model(cfg.model, device="meta"))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
