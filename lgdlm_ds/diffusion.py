@@ -110,10 +110,10 @@ class LatentDiffusion:
         return (x_t - s * pred) / a.clamp_min(self.min_sqrt_alpha_bar)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        """epsilon estimate from the head's prediction (used by DDIM sampling)."""
+        """epsilon estimate from the head's prediction."""
         if self.parameterization == "epsilon":
             return pred
         a, s = self.coefficients(t)
         if self.parameterization == "v":
             return s * x_t + a * pred
-        return (x_t - a * pred) / s.clamp_min(self.min_sqrt_alpha_bar)
+        return (x_t - a * pred) / s  # s >= sqrt(1e-4) = 0.01: betas are clipped at 1e-4

@@ -193,6 +193,32 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> L
         random.setstate(state)
 
 
+# The older trainer's state dict: the model under "model." plus its text noise schedule buffers,
+# which hold nothing the model needs (the schedule is a fixed function here).
+UPSTREAM_PREFIX = "model."
+UPSTREAM_EXTRA_PREFIX = "text_noise_schedule."
+
+
+def upstream_state_dict(model: LGDLM) -> dict[str, Tensor]:
+    """The model's weights in the older trainer's layout ("model." prefix, 0-dim scalars)."""
+    scalars = set(model.scalar_param_names)
+    return {UPSTREAM_PREFIX + k: (v.reshape(()) if k in scalars else v) for k, v in model.state_dict().items()}
+
+
+def load_upstream_state_dict(model: LGDLM, state_dict: dict[str, Tensor]) -> None:
+    """Load weights saved in the older trainer's layout. Every model key must be present and no
+    unknown key may remain (the schedule buffers are dropped); a mismatch is an error."""
+    own = {k[len(UPSTREAM_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UPSTREAM_PREFIX)}
+    unknown = [k for k in state_dict if not k.startswith((UPSTREAM_PREFIX, UPSTREAM_EXTRA_PREFIX))]
+    result = model.load_state_dict(own, strict=False)
+    problems = [f"missing: {', '.join(result.missing_keys)}"] if result.missing_keys else []
+    if result.unexpected_keys or unknown:
+        problems.append(f"unexpected: {', '.join(result.unexpected_keys + unknown)}")
+    if problems:
+        raise KeyError("checkpoint does not match the configured model (check model.* against the run "
+                       f"that wrote it; 8 heads x 64 and qk_norm false for the older runs): {'; '.join(problems)}")
+
+
 def parameter_counts(model: nn.Module) -> dict:
     by_module = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     return {"total_params": sum(by_module.values()), "mmdit_params": by_module.get("mmdit", 0), "by_module": by_module}

@@ -1,0 +1,182 @@
+import math
+
+import pytest
+import torch
+
+from lgdlm_ds.objectives import mode_for_step
+from core_utils import loss_and_grads, max_rel_grad_diff, tiny_batch, tiny_config, tiny_step
+
+CYCLE_METRICS = {"base_l2t_text_loss", "base_t2l_latent_loss", "cycle_text_loss", "cycle_latent_loss",
+                 "cycle_text_weight", "cycle_latent_weight", "t_lat_mean", "latent_pred_norm", "x0_pred_norm"}
+
+
+def _unreachable(mode: str, names: list[str], n_blocks: int) -> set[str]:
+    """Parameters a one-directional mode cannot reach: the other head, the other modality's final
+    norm, and the parts of the last block that only write the other modality's output."""
+    if mode not in ("l2t", "t2l"):
+        return set()
+    other, idx = ("latent", 1) if mode == "l2t" else ("text", 0)
+    last = f"model.mmdit.blocks.{n_blocks - 1}."
+    parts = tuple(f"attn_residual_fns.{idx}.{p}" for p in ("residual_scale", "static_beta", "dynamic_beta_fn",
+                                                           "h_post_scale"))
+    parts += (f"ff_residual_fns.{idx}.", f"to_out.{idx}.", f"ff_layernorms.{idx}.", f"feedforwards.{idx}.")
+    return {n for n in names if n.startswith((f"model.{other}_head", f"model.mmdit.norms.{idx}."))
+            or (n.startswith(last) and any(p in n for p in parts))}
+
+
+@pytest.mark.parametrize("mode", ["l2t", "t2l", "unconditional", "random", "sequential", "cycle_vae"])
+def test_each_mode_trains_what_it_should(mode):
+    cfg = tiny_config(f"loss.loss_type={mode}", "loss.latent_t_mode=random")
+    step = tiny_step(cfg, perturb=0.02)
+    loss, metrics, grads = loss_and_grads(step, tiny_batch(cfg), at_step=7)
+    assert math.isfinite(loss.item()) and metrics["nonfinite_terms"] == 0
+    names = [n for n, _ in step.named_parameters()]
+    with_grad = {n for n in names if n in grads and grads[n].abs().max() > 0}
+    unreachable = _unreachable(mode_for_step(cfg, 7), names, cfg.model.n_blocks)
+    # The last block's residual-mixing scale only permutes streams that are summed right after
+    # (a doubly stochastic mix), so its gradient is zero up to Sinkhorn convergence.
+    invariant = {n for n in names if n.startswith(f"model.mmdit.blocks.{cfg.model.n_blocks - 1}.ff_residual_fns.")
+                 and n.endswith("residual_scale")}
+    assert set(names) - unreachable - invariant <= with_grad
+    assert not unreachable & with_grad
+    if mode == "cycle_vae":
+        assert CYCLE_METRICS <= metrics.keys()
+
+
+def test_text_ce_is_over_real_tokens_only():
+    cfg = tiny_config("loss.loss_type=l2t")
+    batch = tiny_batch(cfg)
+    real = batch["attention_mask"]
+    assert (~real).any()
+    step = tiny_step(cfg, perturb=0.02)
+    torch.manual_seed(1)
+    loss, _ = step(batch, 0)
+    # Reference: full logits, cross-entropy averaged over real positions only.
+    ids = batch["input_ids"]
+    masked_in = torch.where(real, torch.full_like(ids, cfg.data.mask_token_id), ids)
+    logits, _ = step.model(masked_in, batch["latent"], torch.ones(4), torch.zeros(4), real)
+    ref = torch.nn.functional.cross_entropy(logits[real], ids[real])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    # What sits at padded positions cannot change the loss.
+    other = dict(batch, input_ids=torch.where(real, ids, torch.full_like(ids, 5)))
+    torch.manual_seed(1)
+    assert torch.equal(step(other, 0)[0], loss)
+
+
+def _t2l_head_grad(stop_grad: bool) -> torch.Tensor:
+    """Gradient reaching the base T2L latent prediction when only cycle_text depends on it."""
+    cfg = tiny_config(f"loss.cycle_stop_grad_latent={stop_grad}", "loss.latent_loss_weight=0",
+                      "loss.cycle_latent_weight=0", "loss.cycle_text_weight=1")
+    step = tiny_step(cfg, perturb=0.02)
+    captured = []
+
+    def keep(_module, _inputs, out):
+        if not captured:  # the first latent-head call is stage 1 (base T2L rows)
+            out.retain_grad()
+            captured.append(out)
+
+    step.model.latent_head.register_forward_hook(keep)
+    loss, metrics = step(tiny_batch(cfg), 0)
+    assert "cycle_text_loss" in metrics and "cycle_latent_loss" not in metrics
+    loss.backward()
+    return captured[0].grad
+
+
+def test_stop_grad_audit():
+    assert _t2l_head_grad(stop_grad=True).abs().max() == 0
+    assert _t2l_head_grad(stop_grad=False).abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype, streams, tol", [
+    # fp64 with plain residuals: the whole graph is fp64, only summation order differs.
+    (torch.float64, 1, 1e-10),
+    # Hyper-connections compute their mixing in fp32 whatever the weights' dtype, so with two
+    # streams the comparison is at fp32 precision.
+    (torch.float32, 2, 1e-5),
+])
+@pytest.mark.parametrize("sampling", ["argmax", "categorical"])
+def test_fused_stages_equal_four_separate_calls(dtype, streams, tol, sampling):
+    cfg = tiny_config(f"model.num_residual_streams={streams}", f"loss.cycle_latent_sampling={sampling}",
+                      "loss.latent_t_mode=random", "loss.cycle_stop_grad_latent=false")
+    batch = tiny_batch(cfg, dtype=dtype)
+    fused = loss_and_grads(tiny_step(cfg, dtype=dtype, perturb=0.02), batch, at_step=5)
+    calls = []
+    unfused_step = tiny_step(cfg, dtype=dtype, perturb=0.02, fuse=False)
+    unfused_step.model.mmdit.register_forward_pre_hook(lambda *a: calls.append(1))
+    unfused_step.model.trunk = _counting(unfused_step.model.trunk, calls)
+    unfused = loss_and_grads(unfused_step, batch, at_step=5)
+    assert len(calls) == 4
+    assert abs(fused[0].item() - unfused[0].item()) <= tol * abs(unfused[0].item())
+    assert max_rel_grad_diff(fused[2], unfused[2]) <= tol
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_fused_cycle_makes_two_model_calls():
+    cfg = tiny_config()
+    step = tiny_step(cfg)
+    calls = []
+    step.model.trunk = _counting(step.model.trunk, calls)
+    step(tiny_batch(cfg), 0)
+    assert len(calls) == 2
+
+
+def test_cycle_terms_follow_the_ramp():
+    cfg = tiny_config("loss.cycle_text_warmup_steps=4", "loss.cycle_text_ramp_steps=4",
+                      "loss.cycle_latent_warmup_steps=2", "loss.cycle_latent_ramp_steps=0")
+    step, batch = tiny_step(cfg), tiny_batch(cfg)
+    _, m = step(batch, 1)
+    assert m["cycle_text_weight"] == 0 and m["cycle_latent_weight"] == 0
+    assert "cycle_text_loss" not in m and "cycle_latent_loss" not in m  # off: not computed
+    _, m = step(batch, 6)
+    assert m["cycle_text_weight"] == pytest.approx(0.05) and m["cycle_latent_weight"] == pytest.approx(0.1)
+    assert {"cycle_text_loss", "cycle_latent_loss"} <= m.keys()
+
+
+def test_random_mode_is_the_same_on_every_rank_and_follows_weights():
+    cfg = tiny_config("loss.loss_type=random", "training.mode_weights={l2t: 1, t2l: 3}")
+    picks = [mode_for_step(cfg, s) for s in range(4000)]
+    assert picks == [mode_for_step(cfg, s) for s in range(4000)]  # a function of (seed, step) only
+    assert set(picks) == {"l2t", "t2l"} and abs(picks.count("t2l") / 4000 - 0.75) < 0.03
+    other_seed = tiny_config("loss.loss_type=random", "training.mode_weights={l2t: 1, t2l: 3}", "training.seed=1")
+    assert picks != [mode_for_step(other_seed, s) for s in range(4000)]
+
+
+def test_sequential_schedule_cycles_by_step():
+    cfg = tiny_config("loss.loss_type=sequential", "loss.latent_t_mode=random",
+                      "training.mode_schedule=[{type: l2t, steps: 2}, {type: unconditional, steps: 1}]")
+    assert [mode_for_step(cfg, s) for s in range(7)] == ["l2t", "l2t", "unconditional"] * 2 + ["l2t"]
+
+
+def test_latent_shapes_are_checked_not_broadcast():
+    cfg = tiny_config()
+    batch = tiny_batch(cfg)
+    batch["latent"] = batch["latent"][:, None]  # [B, 1, D], the older model's output shape
+    with pytest.raises(RuntimeError, match=r"batch\['latent'\].*refusing to broadcast"):
+        tiny_step(cfg)(batch, 0)
+
+
+def test_non_finite_values_are_reported_not_replaced():
+    cfg = tiny_config()
+    batch = tiny_batch(cfg)
+    batch["latent"][0, 0] = float("nan")
+    loss, metrics = tiny_step(cfg)(batch, 0)
+    assert math.isnan(loss.item()) and loss.requires_grad
+    assert metrics["nonfinite_terms"] > 0 and math.isnan(metrics["base_t2l_latent_loss"].item())
+
+
+def test_elbo_weighting_changes_only_the_unconditional_text_term():
+    batch = tiny_batch(tiny_config())
+    losses = {}
+    for elbo in ("false", "true"):
+        cfg = tiny_config("loss.loss_type=unconditional", "loss.latent_t_mode=random", f"loss.text_elbo_weighting={elbo}")
+        torch.manual_seed(2)
+        _, m = tiny_step(cfg)(batch, 0)
+        losses[elbo] = m
+    assert losses["false"]["latent_loss"] == losses["true"]["latent_loss"]
+    assert losses["false"]["text_loss"] != losses["true"]["text_loss"]
