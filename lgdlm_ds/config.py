@@ -101,6 +101,11 @@ class LossConfig:
     cycle_stop_grad_latent: bool = True
     """Detach the T2L x0 estimate before cycle_text uses it (cycle_text then trains only the
     L2T direction through that input)."""
+    cycle_stagewise: bool = False
+    """Backpropagate cycle_vae's first stage (base L2T + base T2L) before its second stage runs,
+    so only one stage's activations are alive at a time. The engine runs the stages as two
+    micro-steps; gradients equal the plain mode's. Needs cycle_stop_grad_latent: true (otherwise
+    the second stage's graph reaches into the first)."""
 
 
 @dataclass
@@ -281,6 +286,9 @@ def validate(cfg: Config) -> None:
         _require(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}.")
     _require(lo.cycle_latent_sampling in ("argmax", "categorical"), "loss.cycle_latent_sampling",
              f"'{lo.cycle_latent_sampling}' is not one of argmax, categorical.")
+    _require(not lo.cycle_stagewise or lo.cycle_stop_grad_latent, "loss.cycle_stagewise",
+             "the stage-wise backward needs loss.cycle_stop_grad_latent: true; without it cycle_text "
+             "backpropagates into the first stage's T2L pass, whose graph is gone by then.")
     _require(lo.latent_t_mode in ("full", "random"), "loss.latent_t_mode",
              f"'{lo.latent_t_mode}' is not one of full, random.")
     _require(0.0 <= lo.cycle_latent_t_min < lo.cycle_latent_t_max <= 1.0, "loss.cycle_latent_t_min",

@@ -133,6 +133,7 @@ class TrainStep(nn.Module):
         self.cfg = cfg
         self.diffusion = LatentDiffusion.from_config(cfg.diffusion)
         self._run = run_stage if fuse else run_stage_unfused
+        self._carry: dict | None = None  # stage 1 -> stage 2 hand-over in the stage-wise mode
 
     # ---- pass builders
 
@@ -185,13 +186,16 @@ class TrainStep(nn.Module):
 
     # ---- forward
 
-    def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: dict[str, Tensor], step: int, stage: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The whole objective for one micro-batch. ``stage`` (1 or 2, cycle_vae with
+        loss.cycle_stagewise only) runs one stage: the engine calls stage 1, backward, then stage 2
+        on the same batch, backward; together they give the plain mode's loss and gradients."""
         ids, x0 = batch["input_ids"], batch["latent"]
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
         _same_shape(x0, x0.new_empty(ids.shape[0], self.cfg.model.latent_dim), "batch['latent']")
         mode = mode_for_step(self.cfg, step)
         if mode == "cycle_vae":
-            loss, metrics = self.cycle_vae(ids, real, x0, step)
+            loss, metrics = self.cycle_vae(ids, real, x0, step, stage)
         else:
             loss, metrics = self.single_mode(mode, ids, real, x0)
             metrics["mode_index"] = torch.tensor(float(BASE_MODES.index(mode)), device=ids.device)
@@ -216,39 +220,68 @@ class TrainStep(nn.Module):
         return r.text_loss + w_lat * lat, {"text_loss": r.text_loss, "text_accuracy": r.text_accuracy,
                                            "latent_loss": lat, **self._t2l_metrics(p, r)}
 
-    def cycle_vae(self, ids: Tensor, real: Tensor, x0: Tensor, step: int):
+    def cycle_vae(self, ids: Tensor, real: Tensor, x0: Tensor, step: int, stage: int | None):
+        if stage is None:
+            loss1, metrics, carry = self.cycle_stage1(ids, real, x0, step)
+            loss2, metrics2 = self.cycle_stage2(ids, real, x0, carry)
+            return loss1 + loss2, {**metrics, **metrics2}
+        if not self.cfg.loss.cycle_stagewise:
+            raise RuntimeError("TrainStep(stage=...) is the stage-wise mode: set loss.cycle_stagewise: true.")
+        if stage == 1:
+            loss1, metrics, self._carry = self.cycle_stage1(ids, real, x0, step)
+            return loss1, metrics
+        if stage != 2 or self._carry is None:
+            raise RuntimeError(f"stage-wise cycle_vae runs stage 1 then stage 2 on the same batch; got stage {stage}"
+                               f"{' without a stage 1 before it' if stage == 2 else ''}.")
+        carry, self._carry = self._carry, None
+        return self.cycle_stage2(ids, real, x0, carry)
+
+    def cycle_stage1(self, ids: Tensor, real: Tensor, x0: Tensor, step: int):
+        """Base L2T + base T2L in one model call; returns the loss, metrics and what stage 2
+        needs (the x0 estimate, the pseudo tokens, stage 2's noise, the ramp weights)."""
         lo = self.cfg.loss
         w_text = ramp_weight(step, lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps)
         w_lat = ramp_weight(step, lo.cycle_latent_weight, lo.cycle_latent_warmup_steps, lo.cycle_latent_ramp_steps)
         b = ids.shape[0]
-        # Draw all noise before any model call: fused and unfused runs then see the same numbers.
+        # Draw all noise before any model call: fused, unfused and stage-wise runs see the same numbers.
         t_base, eps_base = self._latent_time(b, ids.device), torch.randn_like(x0)
         t_cyc, eps_cyc = self._latent_time(b, ids.device), torch.randn_like(x0)
+        # In the stage-wise mode stage 2 always runs (weight 0 during warmup): its micro-step
+        # must have a graph for the engine's backward.
+        run_text, run_lat = lo.cycle_stagewise or w_text > 0, lo.cycle_stagewise or w_lat > 0
 
         base_l2t, base_t2l = self.l2t_pass(ids, real, x0), self.t2l_pass(ids, real, x0, t_base, eps_base)
         r_l2t, r_t2l = self._run(self.model, [base_l2t, base_t2l],
-                                 categorical=w_lat > 0 and lo.cycle_latent_sampling == "categorical")
+                                 categorical=run_lat and lo.cycle_latent_sampling == "categorical")
         base_lat = self.latent_loss(r_t2l.latent_pred, base_t2l.latent_target, "base_t2l latent")
         loss = r_l2t.text_loss + lo.latent_loss_weight * base_lat
         metrics = {"base_l2t_text_loss": r_l2t.text_loss, "base_l2t_token_accuracy": r_l2t.text_accuracy,
                    "base_t2l_latent_loss": base_lat, "cycle_text_weight": torch.tensor(w_text, device=ids.device),
                    "cycle_latent_weight": torch.tensor(w_lat, device=ids.device), **self._t2l_metrics(base_t2l, r_t2l)}
+        x0_hat = self.diffusion.predict_x0(base_t2l.latents, t_base, r_t2l.latent_pred) if run_text else None
+        carry = {"w_text": w_text, "w_lat": w_lat, "run_text": run_text, "run_lat": run_lat,
+                 "x0_hat": x0_hat.detach() if run_text and lo.cycle_stop_grad_latent else x0_hat,
+                 # pseudo tokens carry no gradient (sampled under the chunked head, detached)
+                 "pseudo": r_l2t.sampled_tokens.detach(), "t_cyc": t_cyc, "eps_cyc": eps_cyc}
+        return loss, metrics, carry
 
-        # Stage 2 runs only the terms whose weight is on (both are off during warmup).
-        stage2: list[Pass] = []
-        if w_text > 0:
-            x0_hat = self.diffusion.predict_x0(base_t2l.latents, t_base, r_t2l.latent_pred)
-            stage2.append(self.l2t_pass(ids, real, x0_hat.detach() if lo.cycle_stop_grad_latent else x0_hat))
-        if w_lat > 0:  # pseudo tokens carry no gradient (sampled under the chunked head, detached)
-            stage2.append(self.t2l_pass(r_l2t.sampled_tokens.detach(), real, x0, t_cyc, eps_cyc))
-        results = iter(self._run(self.model, stage2)) if stage2 else iter(())
-        if w_text > 0:
+    def cycle_stage2(self, ids: Tensor, real: Tensor, x0: Tensor, carry: dict):
+        """cycle_text (L2T from the x0 estimate) + cycle_latent (T2L from the pseudo tokens) in
+        one model call; a term whose ramp weight is 0 is skipped (except stage-wise, see above)."""
+        passes: list[Pass] = []
+        if carry["run_text"]:
+            passes.append(self.l2t_pass(ids, real, carry["x0_hat"]))
+        if carry["run_lat"]:
+            passes.append(self.t2l_pass(carry["pseudo"], real, x0, carry["t_cyc"], carry["eps_cyc"]))
+        results = iter(self._run(self.model, passes)) if passes else iter(())
+        loss, metrics = x0.new_zeros(()), {}
+        if carry["run_text"]:
             r = next(results)
-            loss = loss + w_text * r.text_loss
+            loss = loss + carry["w_text"] * r.text_loss
             metrics["cycle_text_loss"] = r.text_loss
-        if w_lat > 0:
-            p, r = stage2[-1], next(results)
+        if carry["run_lat"]:
+            p, r = passes[-1], next(results)
             cyc_lat = self.latent_loss(r.latent_pred, p.latent_target, "cycle_latent latent")
-            loss = loss + w_lat * cyc_lat
+            loss = loss + carry["w_lat"] * cyc_lat
             metrics["cycle_latent_loss"] = cyc_lat
         return loss, metrics

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from lgdlm_ds.config import ConfigError
 from lgdlm_ds.objectives import mode_for_step
 from core_utils import loss_and_grads, max_rel_grad_diff, tiny_batch, tiny_config, tiny_step
 
@@ -180,3 +181,30 @@ def test_elbo_weighting_changes_only_the_unconditional_text_term():
         losses[elbo] = m
     assert losses["false"]["latent_loss"] == losses["true"]["latent_loss"]
     assert losses["false"]["text_loss"] != losses["true"]["text_loss"]
+
+
+def test_stagewise_backward_equals_the_plain_step():
+    cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_sampling=categorical")
+    batch = tiny_batch(cfg)
+    plain_loss, plain_metrics, plain = loss_and_grads(tiny_step(cfg, perturb=0.02), batch, at_step=5)
+    step = tiny_step(tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_sampling=categorical",
+                                 "loss.cycle_stagewise=true"), perturb=0.02)
+    torch.manual_seed(1)
+    loss1, m1 = step(batch, 5, stage=1)
+    loss1.backward()
+    loss2, m2 = step(batch, 5, stage=2)
+    loss2.backward()
+    grads = {n: p.grad for n, p in step.named_parameters()}
+    torch.testing.assert_close(loss1 + loss2, plain_loss, rtol=1e-6, atol=0)
+    assert {**m1, **m2}.keys() == plain_metrics.keys()
+    assert max_rel_grad_diff(grads, plain) <= 1e-5
+
+
+def test_stagewise_needs_stop_grad_and_stage_order():
+    with pytest.raises(ConfigError, match="loss.cycle_stagewise.*needs loss.cycle_stop_grad_latent: true"):
+        tiny_config("loss.cycle_stagewise=true", "loss.cycle_stop_grad_latent=false")
+    cfg = tiny_config("loss.cycle_stagewise=true")
+    with pytest.raises(RuntimeError, match="without a stage 1 before it"):
+        tiny_step(cfg)(tiny_batch(cfg), 0, stage=2)
+    with pytest.raises(RuntimeError, match="set loss.cycle_stagewise: true"):
+        tiny_step(tiny_config())(tiny_batch(cfg), 0, stage=1)
