@@ -213,7 +213,8 @@ class PackedDataset(Dataset):
         if k not in self._open:
             d = self.root / self.shard_names[k]
             try:
-                self._open[k] = tuple(np.load(d / f, mmap_mode="r") for f in (TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE))
+                self._open[k] = tuple(np.load(d / f, mmap_mode="r")
+                                      for f in (TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE))
             except (OSError, ValueError) as e:
                 raise DataError(f"cannot read shard {d}: {e}; prepare the data again.") from e
         return self._open[k]

@@ -195,7 +195,8 @@ class _SplitWriter:
         tmp = self.out / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         n, h = len(self.texts), self.header
-        ids = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode="w+", dtype=h["token_dtype"], shape=(n, h["seq_len"]))
+        ids = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode="w+", dtype=h["token_dtype"],
+                                        shape=(n, h["seq_len"]))
         ids[:] = h["pad_token_id"]
         for i, t in enumerate(self.tokens):
             ids[i, :len(t)] = t

