@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# Rows of logits per chunk: about 2**25 elements (128 MiB in fp32) whatever the vocabulary.
-CHUNK_ELEMENTS = 1 << 25
+# Rows of logits per chunk: about 2**23 elements (32 MiB in fp32) whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -1,0 +1,151 @@
+"""Will a recipe fit? Per-GPU memory of model states (each ZeRO stage) plus activations.
+
+    python -m lgdlm_ds.memory RECIPE.yaml [key=value ...] --gpus 8 --gpu-mem 80 [--nodes 1]
+
+Model states come from DeepSpeed's estimators (parameters, gradients, fp32 master weights and
+Adam moments, as partitioned by each stage). Activations are not in those estimators, and for a
+four-pass objective they dominate. They are counted exactly for the trunk: the model's forward and
+backward run on the meta device (no memory) under ``LiveBytes``, which gives what the forward
+leaves alive for backward and the backward's peak, for the recipe's sizes and memory mode. The
+objective then decides how many such calls are alive at once (cycle_vae: two stages of
+2 x micro-batch rows, one at a time in the stage-wise mode), and the chunked text head adds its
+buffers. ``python -m lgdlm_ds.bench`` compares the prediction with measured peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig, load_config
+from .memtrack import LiveBytes
+from .model import build_model, parameter_counts
+from .text_head import CHUNK_ELEMENTS
+
+GIB = 2**30
+# Share of GPU memory kept free for the CUDA context, allocator fragmentation and communication buffers.
+RESERVE = 0.10
+
+
+@functools.lru_cache(maxsize=None)
+def _trunk_profile(model_fields: tuple, rows: int) -> tuple[int, int]:
+    """(bytes the trunk's forward leaves alive for backward, peak bytes during forward+backward)
+    for one model call on ``rows`` rows, run on the meta device. Gradients exist before the
+    measured call, as in training (they are model states, accumulated in place)."""
+    model_cfg = ModelConfig(*model_fields)
+    model = build_model(model_cfg, device="meta")
+    seq = model_cfg.max_seq_len
+    ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
+    z = torch.zeros(rows, model_cfg.latent_dim, device="meta")
+    t = torch.zeros(rows, device="meta")
+    mask = torch.ones(rows, seq, dtype=torch.bool, device="meta")
+
+    def forward_backward(live: LiveBytes | None = None) -> int:
+        text, latent = model.trunk(ids, z, t, t, mask)
+        after_forward = live.live if live else 0
+        (text.sum() + latent.sum()).backward()
+        return after_forward
+
+    forward_backward()
+    with LiveBytes() as live:
+        after_forward = forward_backward(live)
+    return after_forward, live.peak
+
+
+def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0) -> int:
+    """Peak non-model memory (activations, head buffers, temporaries) of one micro-step.
+    ``fill`` is the share of real (non-padding) tokens; 1.0 is the worst case."""
+    cycle = cfg.loss.loss_type == "cycle_vae"
+    rows = 2 * micro_batch if cycle else micro_batch
+    alive, trunk_peak = _trunk_profile(dataclasses.astuple(cfg.model), rows)
+    h, seq, vocab = cfg.model.hidden_size, cfg.model.max_seq_len, cfg.model.vocab_size
+    positions = int(micro_batch * seq * fill)  # text positions supervised per model call, at most
+    # The chunked CE keeps its gathered hidden rows and one log-sum-exp per position; while it
+    # runs it holds a chunk of fp32 logits and one more of the same size (softmax), and in
+    # backward an fp32 accumulator of the head's weight gradient.
+    stage = alive + positions * (h * 4 + 8)
+    chunk = min(max(1, CHUNK_ELEMENTS // vocab), positions) * vocab * 4
+    head = 2 * chunk + vocab * h * 4
+    if not cycle or cfg.loss.cycle_stagewise:  # one model call's graph at a time
+        return int(max(stage + head, trunk_peak))
+    # Both stages in one graph: stage 2's backward runs while stage 1 is still saved, and every
+    # parameter gradient it produces is held by autograd until stage 1's contribution is added.
+    grads = sum(p.numel() * p.element_size() for p in build_model(cfg.model, device="meta").parameters())
+    return int(max(2 * stage + head, stage + trunk_peak, stage + grads + head, grads + trunk_peak))
+
+
+def model_state_bytes(total_params: int, largest_layer: int, gpus: int, nodes: int) -> dict[str, float]:
+    """Per-GPU bytes of model states for ZeRO-0/2/3 and ZeRO-3 with CPU offload (DeepSpeed's estimators)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return {
+        "zero0": estimate_zero2_model_states_mem_needs(total_params, 1, 1, cpu_offload=False)[1],
+        "zero2": estimate_zero2_model_states_mem_needs(total_params, gpus, nodes, cpu_offload=False)[1],
+        "zero3": estimate_zero3_model_states_mem_needs(total_params, largest_layer, gpus, nodes,
+                                                       cpu_offload=False, cpu_offload_params=False)[1],
+        "zero3_offload": estimate_zero3_model_states_mem_needs(total_params, largest_layer, gpus, nodes,
+                                                               cpu_offload=True, cpu_offload_params=True)[1],
+    }
+
+
+def _largest_micro_batch(cfg: Config, free: float) -> int:
+    """Largest micro-batch whose activations fit in ``free`` bytes (they grow with it)."""
+    if free <= 0 or predict_other_bytes(cfg, 1) > free:
+        return 0
+    lo, hi = 1, 2
+    while predict_other_bytes(cfg, hi) <= free:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if predict_other_bytes(cfg, mid) <= free else (lo, mid)
+    return lo
+
+
+def report(cfg: Config, gpus: int, gpu_mem_gib: float, nodes: int = 1) -> dict:
+    model = build_model(cfg.model, device="meta")
+    total = parameter_counts(model)["total_params"]
+    largest = max(p.numel() for p in model.parameters())
+    budget = gpu_mem_gib * GIB * (1 - RESERVE)
+    mb = cfg.training.micro_batch_size
+    other = predict_other_bytes(cfg, mb)
+    stages = {}
+    for stage, states in model_state_bytes(total, largest, gpus, nodes).items():
+        stages[stage] = {"model_states_gib": states / GIB, "activations_gib": other / GIB,
+                         "total_gib": (states + other) / GIB, "fits": states + other <= budget,
+                         "max_micro_batch": _largest_micro_batch(cfg, budget - states)}
+    return {"total_params": total, "micro_batch_size": mb, "gpus": gpus * nodes, "gpu_mem_gib": gpu_mem_gib,
+            "reserve": RESERVE, "memory_mode": ("ac" if cfg.model.activation_checkpointing else "plain")
+            + ("+stagewise" if cfg.loss.cycle_stagewise else ""), "stages": stages}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Predict per-GPU memory of a recipe for each ZeRO stage.")
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    ap.add_argument("--gpu-mem", type=float, required=True, help="memory of one GPU in GiB")
+    ap.add_argument("--nodes", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem <= 0:
+        sys.exit("error: --gpus and --nodes must be >= 1 and --gpu-mem > 0.")
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    r = report(cfg, args.gpus, args.gpu_mem, args.nodes)
+    print(f"{r['total_params'] / 1e9:.2f}B parameters, micro-batch {r['micro_batch_size']}, {r['memory_mode']}, "
+          f"{r['gpus']} x {r['gpu_mem_gib']:g} GiB ({RESERVE:.0%} reserved)")
+    print(f"{'stage':<15}{'states GiB':>11}{'activ. GiB':>11}{'total GiB':>11}{'fits':>6}{'max micro-batch':>17}")
+    for stage, s in r["stages"].items():
+        print(f"{stage:<15}{s['model_states_gib']:>11.1f}{s['activations_gib']:>11.1f}{s['total_gib']:>11.1f}"
+              f"{'yes' if s['fits'] else 'no':>6}{s['max_micro_batch']:>17}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
