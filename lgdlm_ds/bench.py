@@ -138,9 +138,11 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
-    """Largest per-tensor max|a-b| / max|b|, with gradients under 1e-6 of the largest compared
-    against that floor (cancellation residues are not relative errors)."""
-    floor = 1e-6 * max(g.abs().max().item() for g in b.values())
+    """Largest per-tensor max|a-b| / max|b|. Tensors whose gradient is under 1e-4 of the model's
+    largest are compared against that floor: their values are cancellation residues (e.g. the
+    hyper-connection scales at the first block, whose streams are identical), where a relative
+    comparison would measure only summation order."""
+    floor = 1e-4 * max(g.abs().max().item() for g in b.values())
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(floor)).item() for k in b)
 
 

@@ -62,6 +62,13 @@ def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
                            "refusing to broadcast.")
 
 
+def trim_padding(ids: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the trailing columns that are padding in every row. Exact: padded keys are masked out
+    of attention and padded positions are never supervised, so every pass then skips that work."""
+    used = int(real.any(0).nonzero().max()) + 1 if real.any() else 1
+    return (ids, real) if used == ids.shape[1] else (ids[:, :used], real[:, :used])
+
+
 @dataclass
 class Pass:
     """Rows of one model pass: inputs, and what is supervised on them."""
@@ -192,6 +199,7 @@ class TrainStep(nn.Module):
         on the same batch, backward; together they give the plain mode's loss and gradients."""
         ids, x0 = batch["input_ids"], batch["latent"]
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        ids, real = trim_padding(ids, real)
         _same_shape(x0, x0.new_empty(ids.shape[0], self.cfg.model.latent_dim), "batch['latent']")
         mode = mode_for_step(self.cfg, step)
         if mode == "cycle_vae":

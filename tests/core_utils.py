@@ -47,12 +47,3 @@ def loss_and_grads(step: TrainStep, batch, at_step: int, seed: int = 1):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads
-
-
-def max_rel_grad_diff(a: dict, b: dict) -> float:
-    """Largest per-parameter max|a - b| / max|b|. Gradients below 1e-6 of the model's largest one
-    (e.g. hyper-connection scales whose gradient cancels to ~1e-20) are compared against that floor
-    instead, so a cancellation residue cannot pass for a relative error."""
-    assert a.keys() == b.keys()
-    floor = 1e-6 * max(g.abs().max().item() for g in b.values())
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(floor)).item() for k in a)

@@ -49,13 +49,14 @@ def test_round_trips(schedule, param):
 
 def test_x0_guard_bounds_the_amplification_at_t_one():
     d = LatentDiffusion("cosine", parameterization="epsilon", min_sqrt_alpha_bar=0.05)
+    torch.manual_seed(0)
     x0, eps = torch.randn(4, 32), torch.randn(4, 32)
     t = torch.ones(4)
     x_t = d.add_noise(x0, t, eps)
     err = 0.01 * torch.randn(4, 32)
     x0_hat = d.predict_x0(x_t, t, eps + err)
     # Unguarded, a 0.01 error would become ~640 (divided by sqrt(ab) = 1.6e-5); guarded it is <= 20x.
-    assert (x0_hat - d.predict_x0(x_t, t, eps)).abs().max() <= 20 * err.abs().max() + 1e-6
+    assert (x0_hat - d.predict_x0(x_t, t, eps)).abs().max() <= 20 * err.abs().max() * (1 + 1e-5)
     assert x0_hat.norm(dim=-1).max() < 20 * (x_t.norm(dim=-1).max() + 1)
 
 

@@ -8,7 +8,8 @@ import torch
 from lgdlm_ds.config import ModelConfig
 from lgdlm_ds.model import build_model, load_upstream_state_dict, parameter_counts, upstream_state_dict
 from lgdlm_ds.text_head import TextHead
-from core_utils import SMOKE, loss_and_grads, max_rel_grad_diff, tiny_batch, tiny_config, tiny_step
+from lgdlm_ds.bench import max_rel_diff
+from core_utils import SMOKE, loss_and_grads, tiny_batch, tiny_config, tiny_step
 
 OLDER_SHAPE = ModelConfig(vocab_size=30522, hidden_size=1024, cond_dim=1024, n_blocks=24, max_seq_len=2048,
                           latent_dim=32, num_residual_streams=2, attn_heads=8, attn_dim_head=64)
@@ -126,7 +127,7 @@ def test_activation_checkpointing_is_exact():
         step = tiny_step(tiny_config(f"model.activation_checkpointing={ac}", "model.dropout=0.1"), perturb=0.02)
         results.append(loss_and_grads(step, batch, at_step=3))
     assert torch.equal(results[0][0], results[1][0])
-    assert max_rel_grad_diff(results[0][2], results[1][2]) == 0.0
+    assert max_rel_diff(results[0][2], results[1][2]) == 0.0
 
 
 def test_chunked_cross_entropy_matches_full_logits(monkeypatch):
