@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,6 +156,64 @@ class TrainingConfig:
     mode_schedule: list[dict[str, Any]] = field(
         default_factory=lambda: [{"type": "l2t", "steps": 1}, {"type": "t2l", "steps": 1}])
     """loss_type sequential: [{type, steps}] cycled by step, in training and evaluation alike."""
+    num_train_steps: int = 100_000
+    """Optimizer steps of the whole run (skipped steps count: their data is consumed). Also the
+    length of the cosine learning-rate schedule."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank. Global batch = micro_batch_size x this x
+    number of ranks; injected into the DeepSpeed JSON, which must not set it."""
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    """DeepSpeed JSON (ZeRO stage, precision, clipping); relative paths are looked up in the working
+    directory, then in the repository. See ds_configs/README.md."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in logging.run_dir if there is one;
+    none: start fresh (the run directory must hold no checkpoint); or a checkpoint path (a
+    checkpoints/ folder with a `latest` pointer, or one global_stepN folder)."""
+    max_consecutive_skips: int = 20
+    """Steps skipped in a row (non-finite loss or gradient norm on any rank) before the run stops
+    with an error naming the step and the last good checkpoint."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW, reached after warmup_steps."""
+    warmup_steps: int = 1000
+    """Applied optimizer steps of linear warmup from lr/warmup_steps to lr (0: start at lr)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay as a fraction of lr, reached at num_train_steps."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay of the linear-layer weight matrices; norms, biases, embeddings,
+    position embeddings and hyper-connection mixing parameters are never decayed."""
+    eval_every: int = 0
+    """Evaluate on the validation split every this many steps and at the end (0: never)."""
+    eval_batches: int = 8
+    """Micro-batches per rank in one evaluation (capped by the validation split's size)."""
+    keep_last: int = 3
+    """Complete checkpoints kept in logging.run_dir/checkpoints; older ones are deleted."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = ""
+    """Run directory: config.yaml, ds_config.json, env.txt, training_log.jsonl, checkpoints/.
+    Empty: runs/<name of the recipe's folder>. A fixed directory is what lets a restarted job
+    resume (training.resume: auto)."""
+    log_every: int = 10
+    """Write one line to training_log.jsonl every this many steps (values averaged over the
+    steps since the previous line and over all ranks); skipped steps always get their own line."""
+    save_every: int = 1000
+    """Save a checkpoint every this many steps (0: only at the end); one is always saved at the end."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline unless a login or WANDB_MODE says otherwise)."""
+    wandb_project: str = "lgdlm"
+    """W&B project name."""
+    wandb_run_name: str = ""
+    """W&B run name (empty: the run directory's name)."""
+    progress_bar: bool = True
+    """Show a progress bar with the main losses on rank 0."""
 
 
 @dataclass
@@ -169,6 +228,8 @@ class Config:
     """Where samples come from."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Optimisation loop settings."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Run directory, log cadence, checkpoint cadence, W&B."""
 
 
 # Keys the older code accepted but never used; a recipe that still sets them must be told so.
@@ -199,11 +260,16 @@ def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'.{hint}")
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a YAML value against the field's default type (ints are accepted for floats)."""
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 3e-4 as a string; it means a number here
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
@@ -342,6 +408,24 @@ def validate(cfg: Config) -> None:
                  f"{getattr(data, key)} is outside the vocabulary [0, {m.vocab_size}).")
     _require(data.mask_token_id != data.pad_token_id, "data.mask_token_id", "must differ from pad_token_id.")
     _require(tr.micro_batch_size > 0, "training.micro_batch_size", "must be positive.")
+    for key in ("num_train_steps", "gradient_accumulation_steps", "keep_last"):
+        _require(getattr(tr, key) > 0, f"training.{key}", f"must be positive, got {getattr(tr, key)}.")
+    for key in ("max_consecutive_skips", "warmup_steps", "eval_every", "num_workers", "weight_decay"):
+        _require(getattr(tr, key) >= 0, f"training.{key}", f"must be >= 0, got {getattr(tr, key)}.")
+    _require(tr.eval_every == 0 or tr.eval_batches > 0, "training.eval_batches",
+             "must be positive when training.eval_every is on.")
+    _require(bool(tr.ds_config), "training.ds_config", "names the DeepSpeed JSON, e.g. ds_configs/zero2_bf16.json.")
+    _require(bool(tr.resume), "training.resume", "is auto, none, or a checkpoint path.")
+    _require(tr.lr > 0, "training.lr", f"must be positive, got {tr.lr}.")
+    _require(0.0 <= tr.min_lr_ratio <= 1.0, "training.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}.")
+    _require(tr.eps > 0, "training.eps", f"must be positive, got {tr.eps}.")
+    _require(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                        for b in tr.betas),
+             "training.betas", f"must be two numbers in [0, 1), got {tr.betas!r}.")
+    tr.betas = [float(b) for b in tr.betas]
+    lg = cfg.logging
+    _require(lg.log_every > 0, "logging.log_every", f"must be positive, got {lg.log_every}.")
+    _require(lg.save_every >= 0, "logging.save_every", f"must be >= 0, got {lg.save_every}.")
     if lo.loss_type == "random":
         for mode, w in tr.mode_weights.items():
             _require(mode in BASE_MODES, "training.mode_weights",
