@@ -37,6 +37,14 @@ def _trunk_profile(model_fields: tuple, rows: int) -> tuple[int, int]:
     for one model call on ``rows`` rows, run on the meta device. Gradients exist before the
     measured call, as in training (they are model states, accumulated in place)."""
     model_cfg = ModelConfig(*model_fields)
+    if model_cfg.n_blocks > 2:
+        # Blocks are identical: profile one and two, and extrapolate what each block adds to the
+        # memory alive after forward (the backward's peak rides on top of all of it).
+        one = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=1)), rows)
+        two = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=2)), rows)
+        per_block = two[0] - one[0]
+        extra = (model_cfg.n_blocks - 2) * per_block
+        return two[0] + extra, two[1] + extra
     model = build_model(model_cfg, device="meta")
     seq = model_cfg.max_seq_len
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
