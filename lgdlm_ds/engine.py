@@ -113,8 +113,13 @@ class Trainer:
         torch.manual_seed(tr.seed)
         random.seed(tr.seed)
         np.random.seed(tr.seed)
+        # Rank 0 first: a packed dataset is prepared on first use, and only once.
+        if self.rank != 0:
+            dist.barrier()
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "validation") if tr.eval_every else None
+        if self.rank == 0:
+            dist.barrier()
         self.global_batch = self.world * tr.gradient_accumulation_steps * tr.micro_batch_size
         self.eval_index = (eval_batches(len(self.val_set), self.world, self.rank, tr.micro_batch_size,
                                         tr.eval_batches) if self.val_set is not None else [])

@@ -1,0 +1,208 @@
+"""Engine checks that need real ranks, run as ONE launched job per world size so the suite pays the
+launcher and DeepSpeed start-up once:
+
+    deepspeed --num_gpus 2 tests/engine_job.py two_ranks OUT_DIR
+    deepspeed --num_gpus 1 tests/engine_job.py one_rank OUT_DIR   (after two_ranks: it resumes
+                                                                  a universal checkpoint from it)
+
+(with the repository on PYTHONPATH; an optional third argument runs only the named scenarios.)
+
+Every rank writes OUT_DIR/<scenario>_rank<r>.json; test_engine_multirank.py asserts on them. Runs
+use a tiny cycle_vae model in fp32 unless said otherwise, global batch 4 (2 ranks x 1 micro-step
+x 2, or 1 rank x 2 micro-steps x 2), and 9 training samples (2 steps per epoch), so 6 steps cross
+two epoch boundaries. The cycle terms ramp in over the first steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from lgdlm_ds.config import load_config
+from lgdlm_ds.ds_config import load_ds_config
+from lgdlm_ds.engine import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+TINY = ["model.vocab_size=128", "model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=2",
+        "model.max_seq_len=16", "model.latent_dim=8", "model.attn_heads=2", "model.attn_dim_head=16",
+        "data.num_samples=9", "data.val_fraction=0.5",
+        "loss.cycle_text_warmup_steps=1", "loss.cycle_text_ramp_steps=3",
+        "loss.cycle_latent_warmup_steps=2", "loss.cycle_latent_ramp_steps=2",
+        f"training.num_train_steps={STEPS}", "training.warmup_steps=2", "training.lr=3e-3",
+        "training.num_workers=0", "training.eval_every=0",
+        "logging.log_every=1", "logging.save_every=0", "logging.progress_bar=false"]
+
+
+def ds_json(out: Path, stage: int, bf16: bool = False, trace_warnings: bool = False) -> str:
+    """The shipped JSON of that stage, with precision switched as asked."""
+    src = {0: "zero0.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}[stage]
+    ds = json.loads((ROOT / "ds_configs" / src).read_text())
+    ds["bf16"]["enabled"] = bf16
+    if trace_warnings:
+        ds["zero_optimization"]["log_trace_cache_warnings"] = True
+    path = out / f"zero{stage}{'_bf16' if bf16 else ''}{'_trace' if trace_warnings else ''}_rank{os.environ['RANK']}.json"
+    path.write_text(json.dumps(ds))  # one file per rank: two ranks writing one file race
+    return str(path)
+
+
+def make(out: Path, name: str, ds: str, *extra: str, world: int, poison=None) -> Trainer:
+    accumulation = 2 // world  # global batch 4 whatever the world size
+    cfg = load_config(ROOT / "recipes/00_smoke/recipe.yaml",
+                      TINY + [f"training.ds_config={ds}", f"logging.run_dir={out / name}",
+                              "training.micro_batch_size=2", f"training.gradient_accumulation_steps={accumulation}",
+                              *extra])
+    return Trainer(cfg, load_ds_config(cfg), poison=poison)
+
+
+def log_lines(trainer: Trainer) -> list[dict]:
+    return [json.loads(line) for line in (trainer.run_dir / "training_log.jsonl").read_text().splitlines()]
+
+
+def local_state(trainer: Trainer) -> list[torch.Tensor]:
+    """This rank's fp32 master values and AdamW state. The inner optimizer's parameters are the
+    masters under every stage (ZeRO swaps in its flat fp32 partitions)."""
+    opt = trainer.engine.basic_optimizer
+    masters = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    states = [v.detach().clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return masters + states
+
+
+def same_state(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- scenarios: each returns a JSON-able dict for this rank
+
+
+def parity(out: Path, world: int) -> dict:
+    """Loss lines of ZeRO-0/2/3 in fp32."""
+    result = {}
+    for stage in (0, 2, 3):
+        t = make(out, f"parity_zero{stage}_w{world}", ds_json(out, stage), world=world)
+        t.train()
+        result[f"zero{stage}"] = log_lines(t)
+    return result
+
+
+def zero3_trace(out: Path, world: int) -> dict:
+    """ZeRO-3 with log_trace_cache_warnings: one engine call per micro-step should keep the
+    prefetch trace valid once the set of passes is fixed (cycle weights on from step 0), also
+    across an evaluation."""
+    t = make(out, "zero3_trace", ds_json(out, 3, trace_warnings=True), "loss.cycle_text_warmup_steps=0",
+             "loss.cycle_text_ramp_steps=0", "loss.cycle_latent_warmup_steps=0", "loss.cycle_latent_ramp_steps=0",
+             "training.eval_every=2", "training.eval_batches=1", "training.num_train_steps=4", world=world)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):  # DeepSpeed prints the warning on rank 0
+        t.train()
+    return {"warnings": [line for line in captured.getvalue().splitlines() if "Invalidate trace cache" in line],
+            "lines": log_lines(t)}
+
+
+def resume(out: Path, world: int) -> dict:
+    """Straight 6 steps vs 3 steps, a new engine resuming, 3 more; ZeRO-2 and ZeRO-3, with evaluation."""
+    result = {}
+    for stage in (2, 3):
+        ds = ds_json(out, stage)
+        extra = ("training.eval_every=3", "training.eval_batches=1")
+        straight = make(out, f"straight_zero{stage}", ds, *extra, world=world)
+        straight.train()
+        first = make(out, f"resumed_zero{stage}", ds, *extra, world=world)
+        first.train(until_step=STEPS // 2)
+        second = make(out, f"resumed_zero{stage}", ds, *extra, world=world)
+        resumed_at = second.step
+        second.train()
+        result[f"zero{stage}"] = {"straight": log_lines(straight), "resumed": log_lines(second),
+                                  "resumed_at": resumed_at,
+                                  "checkpoints": sorted(p.name for p in second.ckpt_dir.iterdir())}
+    return result
+
+
+def nan_once(out: Path, world: int) -> dict:
+    """NaN in rank 1's loss at step index 2 (logged step 3) only; ZeRO-0, 2 and 3."""
+    result = {}
+    for stage in (0, 2, 3):
+        t = make(out, f"nan_zero{stage}", ds_json(out, stage), world=world,
+                 poison=lambda step, rank: step == 2 and rank == world - 1)
+        t.train(until_step=2)
+        before = local_state(t)
+        t.train(until_step=3)
+        after_skip = local_state(t)
+        t.train(until_step=4)
+        after_next = local_state(t)
+        result[f"zero{stage}"] = {"unchanged_by_skip": same_state(before, after_skip),
+                                  "changed_by_next": not same_state(after_skip, after_next),
+                                  "lines": log_lines(t)}
+    return result
+
+
+def nan_streak(out: Path, world: int) -> dict:
+    """max_consecutive_skips=2 and NaN on rank 0 at step indices 1, 2, 3: the third skip stops it."""
+    t = make(out, "nan_streak", ds_json(out, 2), "training.max_consecutive_skips=2", world=world,
+             poison=lambda step, rank: step in (1, 2, 3) and rank == 0)
+    t.train(until_step=1)
+    try:
+        t.train()
+    except TrainingError as e:
+        return {"error": str(e), "step": t.step, "lines": log_lines(t)}
+    return {"error": None, "step": t.step}
+
+
+def bf16(out: Path, world: int) -> dict:
+    """ZeRO-2 bf16: finite losses, bf16 module, fp32 master weights."""
+    t = make(out, "bf16_zero2", ds_json(out, 2, bf16=True), world=world)
+    t.train()
+    masters = t.engine.optimizer.single_partition_of_fp32_groups
+    return {"lines": log_lines(t), "module_dtypes": sorted({str(p.dtype) for p in t.engine.module.parameters()}),
+            "master_dtypes": sorted({str(m.dtype) for m in masters})}
+
+
+def universal(out: Path, world: int) -> dict:
+    """Convert the 2-rank ZeRO-2 checkpoint at step 3 to a universal one; resume it on this world size."""
+    src = out / "resumed_zero2" / "checkpoints" / "global_step3"
+    dst = out / "universal" / "global_step3"
+    if torch.distributed.get_rank() == 0 and not dst.exists():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                        "--output_folder", str(dst), "--inject_missing_state"], check=True,
+                       capture_output=True)
+    torch.distributed.barrier()
+    ds = json.loads(Path(ds_json(out, 2)).read_text())
+    ds["checkpoint"] = {"load_universal": True}
+    (out / "zero2_universal.json").write_text(json.dumps(ds))
+    t = make(out, "universal_resume", str(out / "zero2_universal.json"), f"training.resume={dst}",
+             "training.eval_every=3", "training.eval_batches=1", world=world)
+    resumed_at = t.step
+    t.train()
+    return {"resumed_at": resumed_at, "lines": log_lines(t)}
+
+
+SETS = {"two_ranks": [parity, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal]}
+
+
+def main() -> None:
+    which, out, *only = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    out, world, rank = Path(out), 2 if which == "two_ranks" else 1, int(os.environ["RANK"])
+    out.mkdir(parents=True, exist_ok=True)
+    for scenario in SETS[which]:
+        if only and scenario.__name__ not in only[0].split(","):
+            continue
+        name = out / f"{scenario.__name__}_w{world}_rank{rank}.json"
+        try:
+            name.write_text(json.dumps(scenario(out, world)))
+        except Exception:
+            # Stop the whole job: the other rank may be waiting in a collective, and the launcher
+            # ends it when this one exits non-zero. The test shows the traceback.
+            name.write_text(json.dumps({"exception": traceback.format_exc()}))
+            traceback.print_exc()
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
