@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .config import Config
 from .diffusion import LatentDiffusion
 from .export import ExportError, LatentSpace, load
-from .model import LGDLM
+from .model import LGDLM, build_model
 from .sample import SampleError, decode_text, ddim_latent, default_decode_steps, latent_schedule
 
 # Sums reduced over batches and ranks; every metric is a ratio of two of them.
@@ -58,7 +58,8 @@ def _unwrap(model: nn.Module) -> LGDLM:
             return model
         model = getattr(model, "module", None) or getattr(model, "model", None)
     if not isinstance(model, LGDLM):
-        raise TypeError(f"evaluate needs an LGDLM, a TrainStep or a DeepSpeed engine around one, got {type(model).__name__}.")
+        raise TypeError("evaluate needs an LGDLM, a TrainStep or a DeepSpeed engine around one, "
+                        f"got {type(model).__name__}.")
     return model
 
 
@@ -173,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lgdlm_ds.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="run directory or exported directory")
-    parser.add_argument("overrides", nargs="*", help="section.key=value changes to the run's config, e.g. a moved data.path")
-    parser.add_argument("--tag", default=None, help="checkpoint tag of a run directory (default: the newest complete one)")
+    parser.add_argument("overrides", nargs="*",
+                        help="section.key=value changes to the run's config, e.g. a moved data.path")
+    parser.add_argument("--tag", default=None,
+                        help="checkpoint tag of a run directory (default: the newest complete one)")
     parser.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: training.micro_batch_size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples per batch (default: training.micro_batch_size)")
     parser.add_argument("--split", choices=("validation", "train"), default="validation")
     parser.add_argument("--t2l-steps", type=int, default=None, help="DDIM steps of the T2L latent (default: 1 when "
                         "T2L trained only at t=1, else 10)")
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--untrained", action="store_true", help="evaluate the run's initial model (its seed, no "
                         "training) instead of a checkpoint: the baseline the metrics should beat")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     for name, least in (("batches", 1), ("batch_size", 1), ("t2l_steps", 1), ("decode_steps", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             print(f"evaluate: error: --{name.replace('_', '-')} must be at least {least}.", file=sys.stderr)
@@ -196,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = loaded.cfg
         model, step, source = loaded.model, loaded.step, loaded.source
         if args.untrained:
-            from .model import build_model
             torch.manual_seed(cfg.training.seed)  # as the engine does before building the model
             model, step, source = build_model(cfg.model).to(args.device), 0, "untrained"
         batches = load_batches(cfg, args.split, args.batch_size or cfg.training.micro_batch_size, args.batches)

@@ -38,7 +38,8 @@ from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, PackedDataset
 from .model import LGDLM, build_model, upstream_state_dict
 
-CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, UPSTREAM_FILE = "config.yaml", "export.json", "model.safetensors", "checkpoint.pt"
+CONFIG_FILE, EXPORT_FILE = "config.yaml", "export.json"
+WEIGHTS_FILE, UPSTREAM_FILE = "model.safetensors", "checkpoint.pt"
 EXPORT_FORMAT = "lgdlm-export-1"
 # TrainStep, the module DeepSpeed wraps, holds the model as ``.model``: checkpoint keys carry this prefix.
 TRAIN_STEP_PREFIX = "model."
@@ -234,7 +235,7 @@ def load(path: str | Path, tag: str | None = None, device: str | torch.device = 
         space = LatentSpace.from_config(cfg)
     except DataError as e:
         raise ExportError(f"the run standardises latents with its dataset's mean/std, which cannot be read: {e} "
-                          "(pass data.path=... if the dataset moved).") from e
+                          "If the dataset moved, give its new data.path as a config override.") from e
     return Loaded(model.to(device).eval(), cfg, step, str(folder), space)
 
 
@@ -289,11 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run directory (logging.run_dir of a training run)")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: the newest complete one)")
+    parser.add_argument("--tag", default=None,
+                        help="checkpoint tag, e.g. global_step300 (default: the newest complete one)")
     parser.add_argument("--upstream-layout", action="store_true",
                         help="also write checkpoint.pt in the older trainer's layout")
-    parser.add_argument("overrides", nargs="*", help="section.key=value changes to the run's config, e.g. data.path=...")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*",
+                        help="section.key=value changes to the run's config, e.g. data.path=...")
+    args = parser.parse_intermixed_args(argv)
     try:
         summary = export(args.run_dir, args.out, args.tag, args.upstream_layout, args.overrides)
     except ExportError as e:

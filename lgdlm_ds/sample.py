@@ -205,7 +205,8 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
         source = torch.as_tensor(np.asarray(latents, dtype=np.float32))
         source = source[None] if source.dim() == 1 else source
         if source.dim() != 2 or source.shape[1] != cfg.model.latent_dim:
-            raise SampleError(f"latents must be [N, {cfg.model.latent_dim}] (model.latent_dim), got {tuple(source.shape)}.")
+            raise SampleError(f"latents must be [N, {cfg.model.latent_dim}] (model.latent_dim), "
+                              f"got {tuple(source.shape)}.")
         if length is None:
             raise SampleError("--latents carries no text length: pass --length N (real tokens, special ones included).")
         lengths = torch.full((source.shape[0],), length)
@@ -218,7 +219,8 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
     cosines = (F.cosine_similarity(_embed(encoder, texts), source).tolist() if encoder is not None
                else [None] * len(texts))
     return [{"index": i, "source": sentences[i] if sentences is not None else f"latents[{i}]",
-             "length": int(lengths[i]), "steps": steps, "text": texts[i], "token_ids": ids[i, :int(lengths[i])].tolist(),
+             "length": int(lengths[i]), "steps": steps, "text": texts[i],
+             "token_ids": ids[i, :int(lengths[i])].tolist(),
              "cosine_to_source": cosines[i]} for i in range(len(texts))]
 
 
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="t2l: seed of the DDIM noise (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", default=None, help="also write samples.json, samples.txt (and latents.npy) here")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the run's config, e.g. a moved data.path (repeatable)")
     args = parser.parse_args(argv)
     try:
         if args.direction == "t2l" and args.latents:
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.latents and not Path(args.latents).is_file():
             raise SampleError(f"--latents {args.latents} does not exist.")
         sentences = _sentences(args)
-        loaded = load(args.path, args.tag, device=args.device)
+        loaded = load(args.path, args.tag, device=args.device, overrides=args.override)
         if args.direction == "l2t":
             latents = np.load(args.latents) if args.latents else None
             rows, z = sample_l2t(loaded, sentences=sentences, latents=latents, length=args.length, steps=args.steps,

@@ -5,7 +5,9 @@ Three short training runs, each shared by several tests:
   latents, standardised), 3 steps, one evaluation during training;
 - ``zero3_run``: ZeRO-3, cycle_vae on synthetic data, 2 steps;
 - ``learned_run``: ZeRO-0, l2t on 16 synthetic samples for 80 steps (the learning test).
-All fp32, so the engine's weights and the exported ones must agree exactly.
+All fp32, so the engine's weights and the exported ones must agree exactly. One more run is launched
+on two ranks (``python tests/test_eval_export.py OUT`` under the DeepSpeed launcher) to check the
+averaging over ranks.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils.data import default_collate
 
 from lgdlm_ds import evaluate as evaluate_cli
 from lgdlm_ds import export as export_cli
@@ -31,8 +34,9 @@ from lgdlm_ds import plot as plot_cli
 from lgdlm_ds import prepare as prep
 from lgdlm_ds import sample as sample_cli
 from lgdlm_ds.config import load_config
+from lgdlm_ds.batching import eval_batches
 from lgdlm_ds.corpus import LEE_BACKGROUND, corpus_path
-from lgdlm_ds.data import PackedDataset
+from lgdlm_ds.data import PackedDataset, build_dataset
 from lgdlm_ds.evaluate import evaluate, load_batches
 from lgdlm_ds.export import ExportError, LatentSpace, load, load_exported
 from lgdlm_ds.model import build_model, load_upstream_state_dict
@@ -66,7 +70,7 @@ def _ds_json(tmp: Path, stage: int) -> str:
     src = {0: "zero0.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}[stage]
     ds = json.loads((ROOT / "ds_configs" / src).read_text())
     ds["bf16"]["enabled"] = False
-    path = tmp / f"zero{stage}.json"
+    path = tmp / f"zero{stage}_rank{os.environ['RANK']}.json"  # one file per rank: two ranks writing one race
     path.write_text(json.dumps(ds))
     return str(path)
 
@@ -169,6 +173,47 @@ def test_evaluate_is_deterministic_and_works_on_the_engine(packed_run):
     loaded = load(packed_run.run_dir)
     assert evaluate(loaded.model, cfg, batches, **kwargs) == pytest.approx(first, rel=1e-5, abs=1e-6)
     assert evaluate(loaded.model, cfg, batches, **{**kwargs, "seed": 4}) != first  # the seed is used
+
+
+TWO_RANK_RUN = SYNTHETIC + ["data.num_samples=16", "data.val_fraction=0.5", "loss.loss_type=cycle_vae",
+                             "training.micro_batch_size=2", "training.num_train_steps=1"]
+EVAL_SETTINGS = dict(seed=0, t2l_steps=2, decode_steps=2)
+
+
+def _two_rank_job(out: Path) -> None:
+    """One launched rank: train a step under ZeRO-3, then evaluate this rank's two validation batches."""
+    trainer = _train(out, 3, TWO_RANK_RUN)
+    val = build_dataset(trainer.cfg, "validation")
+    index = eval_batches(len(val), trainer.world, trainer.rank, 2, 2)
+    metrics = evaluate(trainer.engine, trainer.cfg, [default_collate([val[i] for i in idx]) for idx in index],
+                       **EVAL_SETTINGS)
+    (out / f"rank{trainer.rank}.json").write_text(json.dumps({"index": index, "metrics": metrics}))
+
+
+def test_evaluate_averages_over_ranks(tmp_path):
+    """Two ranks under ZeRO-3, each with its own batches: both return the metrics of all samples.
+    The deterministic ones (no T2L or no-latent noise, which is drawn per rank) equal a single
+    process's on the same samples with the weights exported from the 2-rank checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DEEPSPEED_TIMEOUT": "5"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the launcher sets them
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(port), __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert ranks[0]["metrics"]["num_samples"] == 8 and ranks[0]["index"] != ranks[1]["index"]
+
+    loaded = load(tmp_path / "run")
+    val = build_dataset(loaded.cfg, "validation")
+    batches = [default_collate([val[i] for i in idx]) for r in ranks for idx in r["index"]]
+    single = evaluate(loaded.model, loaded.cfg, batches, **EVAL_SETTINGS)
+    for key in ("l2t_token_accuracy", "l2t_text_loss", "l2t_decode_token_accuracy", "num_samples"):
+        assert single[key] == pytest.approx(ranks[0]["metrics"][key], rel=1e-5), key
 
 
 def test_standardised_latents_convert_both_ways(packed_run, packed_data):
@@ -371,3 +416,7 @@ def test_plot_keeps_the_last_line_of_a_repeated_step(packed_run, tmp_path):
     assert records[0]["loss"] == 123.0
     with pytest.raises(plot_cli.PlotError, match="does not exist"):
         plot_cli.read_log(tmp_path / "nowhere")
+
+
+if __name__ == "__main__":
+    _two_rank_job(Path(sys.argv[-1]))
