@@ -83,8 +83,14 @@ def load_ds_config(cfg: Config) -> dict:
         raise _fail(path, "bf16 needs \"check_grad_overflow\": true, written out: the skip policy relies on "
                           "DeepSpeed refusing a step whose gradient norm is not finite.")
     ds["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps
+    ds["gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps * stages_per_batch(cfg)
     return ds
+
+
+def stages_per_batch(cfg: Config) -> int:
+    """DeepSpeed micro-steps (forward + backward each) per micro-batch: 2 for cycle_vae with
+    loss.cycle_stagewise (stage 1 is backpropagated before stage 2 runs), else 1."""
+    return 2 if cfg.loss.loss_type == "cycle_vae" and cfg.loss.cycle_stagewise else 1
 
 
 def zero_stage(ds: dict) -> int:

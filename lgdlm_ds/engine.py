@@ -1,10 +1,12 @@
 """The training engine: DeepSpeed around ``TrainStep``, the step loop, the skip policy, evaluation,
 checkpoints and logging. ``Trainer(cfg, preflight(cfg)).train()``; train.py is the command line.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-steps, each one ``engine(batch, step)``
-and one ``engine.backward(loss)`` followed by ``engine.step()`` (DeepSpeed applies the update on
-the last). Exactly one backward per micro-step: DeepSpeed 0.19.8 ZeRO-2 silently keeps only the
-last of several backwards before a step.
+One optimizer step = ``gradient_accumulation_steps`` micro-batches per rank. Each micro-batch is
+one DeepSpeed micro-step: ``engine(batch, step)``, one ``engine.backward(loss)``, ``engine.step()``
+(DeepSpeed applies the update on the last). With ``loss.cycle_stagewise`` it is two: stage 1 and
+stage 2 of cycle_vae, each with its own backward and ``engine.step()``, and DeepSpeed counts twice
+the accumulation steps. Never two backwards without an ``engine.step()`` between them: DeepSpeed
+0.19.8 ZeRO-2 then silently keeps only the last one's gradients.
 
 Noise: before every micro-step the torch generator is seeded from (seed, step, slot) (slots: see
 batching.py). A step's noise then depends neither on the number of ranks nor on what ran before, so
@@ -35,7 +37,7 @@ from . import checkpoint
 from .batching import DataPosition, StepBatches, eval_batches
 from .config import Config, ConfigError
 from .data import build_dataset
-from .ds_config import load_ds_config, offloads_optimizer
+from .ds_config import load_ds_config, offloads_optimizer, stages_per_batch
 from .model import build_model
 from .objectives import TrainStep
 from .optim import StepGate, WarmupCosine, apply_hyperparameters, build_optimizer
@@ -133,6 +135,7 @@ class Trainer:
         # Plain fp32 ZeRO-0: DeepSpeed wraps nothing around the optimizer, so nobody else computes
         # or checks the gradient norm.
         self.own_grad_norm = self.engine.optimizer is optimizer
+        self.stages = (1, 2) if stages_per_batch(cfg) == 2 else (None,)
         self.device = self.engine.device
 
         self.step, self.skipped, self.consumed, self.position = 0, 0, 0, DataPosition()
@@ -173,25 +176,29 @@ class Trainer:
 
     def _micro_steps(self, batches: Iterator[dict], k: int):
         """Forward + backward of every micro-batch of step k; DeepSpeed's step on all but the last.
-        Returns (metrics averaged over micro-steps, real tokens, non-finite-loss flag)."""
-        tr = self.cfg.training
+        Returns (metrics averaged over micro-batches, real tokens, non-finite-loss flag)."""
+        accumulation = self.cfg.training.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
-        for m in range(tr.gradient_accumulation_steps):
+        for m in range(accumulation):
             batch = self._to_device(next(batches))
-            torch.manual_seed(noise_seed(tr.seed, "train", k, m * self.world + self.rank))
-            loss, metrics = self.engine(batch, k)
-            if self.poison is not None and self.poison(k, self.rank):
-                loss = loss * float("nan")
-            self.engine.backward(loss)
-            if m < tr.gradient_accumulation_steps - 1:
-                self.engine.step()
-            for name, v in {"loss": loss.detach().float(), **metrics}.items():
-                sums[name] = sums[name] + v if name in sums else v
+            torch.manual_seed(noise_seed(self.cfg.training.seed, "train", k, m * self.world + self.rank))
+            for i, stage in enumerate(self.stages):
+                loss, metrics = self.engine(batch, k) if stage is None else self.engine(batch, k, stage=stage)
+                if self.poison is not None and self.poison(k, self.rank):
+                    loss = loss * float("nan")
+                # DeepSpeed divides every backward by its accumulation count, accumulation x stages;
+                # the stages of one micro-batch add up to its loss, so each is scaled back up.
+                self.engine.backward(loss * len(self.stages))
+                if m < accumulation - 1 or i < len(self.stages) - 1:
+                    self.engine.step()
+                # Stage metrics are disjoint except the loss and nonfinite_terms, which add up.
+                for name, v in {"loss": loss.detach().float(), **metrics}.items():
+                    sums[name] = sums[name] + v if name in sums else v
+                bad_loss |= ~torch.isfinite(loss.detach())
             tokens += batch["attention_mask"].sum()
-            bad_loss |= ~torch.isfinite(loss.detach())
-        return {n: v / tr.gradient_accumulation_steps for n, v in sums.items()}, tokens, bad_loss
+        return {n: v / accumulation for n, v in sums.items()}, tokens, bad_loss
 
     def _skip_reason(self, bad_loss: torch.Tensor) -> tuple[str | None, float | None]:
         """Collective decision before the update; returns (reason or None, own grad norm or None)."""

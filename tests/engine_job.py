@@ -92,6 +92,21 @@ def parity(out: Path, world: int) -> dict:
     return result
 
 
+def stagewise(out: Path, world: int) -> dict:
+    """loss.cycle_stagewise: each micro-batch as two DeepSpeed micro-steps (stage 1 backward before
+    stage 2 runs); ZeRO-0/2/3, ZeRO-3 with the trace warnings on."""
+    result = {}
+    for stage in (0, 2, 3):
+        t = make(out, f"stagewise_zero{stage}", ds_json(out, stage, trace_warnings=stage == 3),
+                 "loss.cycle_stagewise=true", world=world)
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            t.train()
+        result[f"zero{stage}"] = {"lines": log_lines(t), "trace_warnings": sum(
+            "Invalidate trace cache" in line for line in captured.getvalue().splitlines())}
+    return result
+
+
 def zero3_trace(out: Path, world: int) -> dict:
     """ZeRO-3 with log_trace_cache_warnings: one engine call per micro-step should keep the
     prefetch trace valid once the set of passes is fixed (cycle weights on from step 0), also
@@ -183,7 +198,7 @@ def universal(out: Path, world: int) -> dict:
     return {"resumed_at": resumed_at, "lines": log_lines(t)}
 
 
-SETS = {"two_ranks": [parity, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal]}
+SETS = {"two_ranks": [parity, stagewise, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal]}
 
 
 def main() -> None:

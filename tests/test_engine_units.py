@@ -33,7 +33,7 @@ def test_smoke_recipe_has_the_contract_keys():
     tr, lg = cfg.training, cfg.logging
     assert (tr.ds_config, tr.resume, tr.max_consecutive_skips) == ("ds_configs/zero0.json", "auto", 20)
     assert tr.num_train_steps > 0 and tr.micro_batch_size > 0 and tr.gradient_accumulation_steps == 1
-    assert (lg.run_dir, lg.wandb) == ("runs/00_smoke", False) and lg.log_every > 0 and lg.save_every > 0
+    assert (lg.run_dir, lg.wandb) == ("", False) and lg.log_every > 0 and lg.save_every > 0  # run_dir: runs/00_smoke
 
 
 @pytest.mark.parametrize("override, key", [
@@ -75,6 +75,11 @@ def test_shipped_jsons_pass_and_get_the_batch_injected():
         assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
         assert "train_batch_size" not in ds
         assert ds["bf16"]["check_grad_overflow"] is True
+
+
+def test_stagewise_cycle_vae_doubles_deepspeeds_accumulation():
+    cfg = load_config(SMOKE, ["loss.cycle_stagewise=true", "training.gradient_accumulation_steps=3"])
+    assert load_ds_config(cfg)["gradient_accumulation_steps"] == 6
 
 
 @pytest.mark.parametrize("change, message", [
