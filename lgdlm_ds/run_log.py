@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,7 +69,7 @@ class RunLog:
         import wandb
         id_file = run_dir / "wandb_id.txt"  # the same W&B run across resumes
         if not id_file.is_file():
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or run_dir.name,
                           id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
                           mode=wandb_mode(), config=config_to_dict(cfg))

@@ -1,5 +1,6 @@
 """The README's first command: the smoke recipe end to end through launch/smoke.sh (the DeepSpeed
-launcher, one rank on the CPU here), a few steps via overrides, then a second launch that resumes."""
+launcher, one rank on the CPU here), a few steps via overrides, then a second launch that resumes
+(with W&B in offline mode)."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,10 @@ CYCLE_VAE_METRICS = ("base_l2t_text_loss", "base_t2l_latent_loss", "cycle_text_l
                      "cycle_text_weight", "cycle_latent_weight", "t_lat_mean", "latent_pred_norm", "x0_pred_norm")
 
 
-def _smoke(*overrides: str) -> subprocess.CompletedProcess:
+def _smoke(*overrides: str, **env_vars: str) -> subprocess.CompletedProcess:
     # The test's interpreter is the environment (LGDLM_NO_VENV); its deepspeed goes on PATH.
-    env = {**os.environ, "LGDLM_NO_VENV": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "LGDLM_NO_VENV": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           **env_vars}
     proc = subprocess.run(["bash", "launch/smoke.sh", *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -52,8 +54,11 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
     assert sorted(p.name for p in ckpt.glob("global_step*")) == ["global_step3", "global_step6"]
     assert (ckpt / "global_step6" / "complete.json").is_file()
 
-    _smoke("training.num_train_steps=8", *common)  # same run directory: resumes at step 6
+    # Same run directory: resumes at step 6; this time with W&B too (offline: no network here).
+    _smoke("training.num_train_steps=8", "logging.wandb=true", *common, WANDB_MODE="offline")
     again = [json.loads(x) for x in (run / "training_log.jsonl").read_text().splitlines()]
     assert again[:4] == lines and [line["step"] for line in again[4:]] == [8]
     assert (ckpt / "latest").read_text() == "global_step8"
     assert (run / "env.txt").read_text().count("== start") == 2
+    wandb_id = (run / "wandb_id.txt").read_text()
+    assert [p.name.endswith(wandb_id) for p in (run / "wandb").glob("offline-run-*")] == [True]
