@@ -72,15 +72,17 @@ def preflight(cfg: Config) -> dict:
 
 
 class _Window:
-    """Sums of per-step metrics (tensors, no device sync) between two log lines."""
+    """Sums of per-step metrics (tensors, no device sync) for one log line; the line is stamped with
+    the step, epoch and learning rate of its last step."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps, self.seconds, self.tokens, self.grad_norms = 0, 0.0, 0, []
+        self.step, self.epoch, self.lr = 0, 0, 0.0
 
-    def add(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor, seconds: float,
-            grad_norm: float | None) -> None:
+    def add(self, step: int, epoch: int, lr: float, metrics: dict[str, torch.Tensor], tokens: torch.Tensor,
+            seconds: float, grad_norm: float | None) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
@@ -89,6 +91,7 @@ class _Window:
         self.seconds += seconds
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
+        self.step, self.epoch, self.lr = step, epoch, lr
 
 
 class Trainer:
@@ -125,8 +128,8 @@ class Trainer:
         self.global_batch = self.world * tr.gradient_accumulation_steps * tr.micro_batch_size
         self.eval_index = (eval_batches(len(self.val_set), self.world, self.rank, tr.micro_batch_size,
                                         tr.eval_batches) if self.val_set is not None else [])
-        optimizer = build_optimizer(step_module := TrainStep(build_model(cfg.model), cfg), tr,
-                                    offloads_optimizer(ds_config))
+        step_module = TrainStep(build_model(cfg.model), cfg)
+        optimizer = build_optimizer(step_module, tr, offloads_optimizer(ds_config))
         self.gate = StepGate()
         self.gate.attach(optimizer)
         self.engine, *_ = deepspeed.initialize(
@@ -149,7 +152,13 @@ class Trainer:
     # ---- checkpoints
 
     def _load(self, folder: Path, tag: str) -> None:
-        path, state = self.engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+        try:
+            path, state = self.engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+        except ZeRORuntimeException as e:  # ZeRO shards fit only the world size that wrote them
+            raise checkpoint.CheckpointError(f"{folder / tag}: {e} Convert it to a universal checkpoint "
+                                             "(ds_configs/README.md, 'Resuming on a different number of "
+                                             "GPUs').") from e
         if path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {folder / tag}.")
         ours = state[CLIENT_KEY]
@@ -240,11 +249,11 @@ class Trainer:
                                          torch.zeros((), device=self.device))
         return {f"eval_{n}": v for n, v in means.items()}
 
-    def _record(self, window: _Window, epoch: int, lr: float, extra: dict) -> dict:
+    def _record(self, window: _Window, extra: dict) -> dict:
         metrics, tokens = self._mean_over_ranks(window.sums, window.counts, window.tokens)
         seconds = max(window.seconds, 1e-9)
         norms = window.grad_norms
-        return {"step": self.step, "epoch": epoch, "loss": metrics.pop("loss"), "lr": lr,
+        return {"step": window.step, "epoch": window.epoch, "loss": metrics.pop("loss"), "lr": window.lr,
                 "grad_norm": sum(norms) / len(norms) if norms else None, "skipped_steps": self.skipped,
                 "samples_per_sec": window.steps * self.global_batch / seconds, "tokens_per_sec": tokens / seconds,
                 **metrics, **extra}
@@ -283,20 +292,25 @@ class Trainer:
                 self.position = self.position.advance(self.global_batch, len(self.train_set))
                 log.advance()
 
-                if reason is not None:
+                evaluation = self.evaluate(k) if tr.eval_every and (
+                    self.step % tr.eval_every == 0 or self.step == end) else {}
+                if reason is None:
+                    consecutive = 0
+                    window.add(self.step, epoch, lr, metrics, tokens, seconds, grad_norm)
+                    if self.step % lg.log_every == 0 or self.step == end or evaluation:
+                        log.write(self._record(window, evaluation))
+                        window = _Window()
+                else:
+                    # A skipped step gets a line of its own, after one for the steps before it.
+                    if window.steps:
+                        log.write(self._record(window, {}))
+                        window = _Window()
                     self.skipped, consecutive = self.skipped + 1, consecutive + 1
                     alone = _Window()
-                    alone.add(metrics, tokens, seconds, grad_norm)
-                    log.write(self._record(alone, epoch, lr, {"skip_reason": reason}))
+                    alone.add(self.step, epoch, lr, metrics, tokens, seconds, grad_norm)
+                    log.write(self._record(alone, {"skip_reason": reason, **evaluation}))
                     if consecutive > tr.max_consecutive_skips:
                         raise TrainingError(self._too_many_skips(consecutive, reason))
-                else:
-                    consecutive = 0
-                    window.add(metrics, tokens, seconds, grad_norm)
-                evaluate = tr.eval_every > 0 and (self.step % tr.eval_every == 0 or self.step == end)
-                if window.steps and (self.step % lg.log_every == 0 or self.step == end or evaluate):
-                    log.write(self._record(window, epoch, lr, self.evaluate(k) if evaluate else {}))
-                    window = _Window()
                 if (lg.save_every and self.step % lg.save_every == 0) or self.step == end:
                     self.save()
         finally:

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     from .engine import Trainer, TrainingError
     try:
         Trainer(cfg, ds_config).train()
-    except TrainingError as e:
+    except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lgdlm_ds.checkpoint import CheckpointError
 from lgdlm_ds.config import load_config
 from lgdlm_ds.ds_config import load_ds_config
 from lgdlm_ds.engine import Trainer, TrainingError
@@ -198,7 +199,17 @@ def universal(out: Path, world: int) -> dict:
     return {"resumed_at": resumed_at, "lines": log_lines(t)}
 
 
-SETS = {"two_ranks": [parity, stagewise, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal]}
+def wrong_world(out: Path, world: int) -> dict:
+    """The plain 2-rank ZeRO-2 checkpoint on 1 rank: refused, pointing to the universal route."""
+    try:
+        make(out, "wrong_world", ds_json(out, 2), f"training.resume={out / 'resumed_zero2' / 'checkpoints'}",
+             world=world)
+    except CheckpointError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+SETS = {"two_ranks": [parity, stagewise, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal, wrong_world]}
 
 
 def main() -> None:

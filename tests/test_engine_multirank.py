@@ -161,3 +161,9 @@ def test_universal_checkpoint_resumes_on_another_rank_count(job):
     tail = [line for line in r["lines"] if line["step"] > 3]
     assert [line["step"] for line in tail] == [4, 5, 6]
     assert _losses(tail) == pytest.approx(_losses(straight[3:]), rel=1e-6, abs=0)
+
+
+def test_plain_checkpoint_on_another_rank_count_is_refused_with_the_way_out(job):
+    error = job("wrong_world", world=1)["error"]
+    assert "world size of 2 but the current world size is 1" in error
+    assert "Convert it to a universal checkpoint" in error
