@@ -7,7 +7,8 @@ launcher and DeepSpeed start-up once:
 
 (with the repository on PYTHONPATH; an optional third argument runs only the named scenarios.)
 
-Every rank writes OUT_DIR/<scenario>_rank<r>.json; test_engine_multirank.py asserts on them. Runs
+Every rank writes OUT_DIR/<scenario>_w<world>_rank<r>.json; test_engine_multirank.py asserts on
+them. The first failing scenario ends the job (the other rank may wait in a collective). Runs
 use a tiny cycle_vae model in fp32 unless said otherwise, global batch 4 (2 ranks x 1 micro-step
 x 2, or 1 rank x 2 micro-steps x 2), and 9 training samples (2 steps per epoch), so 6 steps cross
 two epoch boundaries. The cycle terms ramp in over the first steps.
@@ -159,6 +160,29 @@ def nan_once(out: Path, world: int) -> dict:
     return result
 
 
+def nan_grad(out: Path, world: int) -> dict:
+    """A finite loss but a NaN gradient on the last rank at step 3 (a tensor hook on one weight):
+    ZeRO-0 fp32 (the engine's own norm check), ZeRO-2/3 fp32 and ZeRO-2 bf16 (DeepSpeed's)."""
+    result = {}
+    for name, ds in (("zero0", ds_json(out, 0)), ("zero2", ds_json(out, 2)), ("zero3", ds_json(out, 3)),
+                     ("zero2_bf16", ds_json(out, 2, bf16=True))):
+        t = make(out, f"nan_grad_{name}", ds, world=world)
+        poison = {"on": False}
+        weight = t.engine.module.model.latent_head[0].weight
+        weight.register_hook(lambda g: g * float("nan") if poison["on"] and int(os.environ["RANK"]) == world - 1
+                             else g)
+        t.train(until_step=2)
+        before = local_state(t)
+        poison["on"] = True
+        t.train(until_step=3)
+        poison["on"] = False
+        after_skip = local_state(t)
+        t.train(until_step=4)
+        result[name] = {"unchanged_by_skip": same_state(before, after_skip),
+                        "changed_by_next": not same_state(after_skip, local_state(t)), "lines": log_lines(t)}
+    return result
+
+
 def nan_streak(out: Path, world: int) -> dict:
     """max_consecutive_skips=2 and NaN on rank 0 at step indices 1, 2, 3: the third skip stops it."""
     t = make(out, "nan_streak", ds_json(out, 2), "training.max_consecutive_skips=2", world=world,
@@ -209,7 +233,7 @@ def wrong_world(out: Path, world: int) -> dict:
     return {"error": None}
 
 
-SETS = {"two_ranks": [parity, stagewise, zero3_trace, resume, nan_once, nan_streak, bf16], "one_rank": [parity, universal, wrong_world]}
+SETS = {"two_ranks": [parity, stagewise, zero3_trace, resume, nan_once, nan_grad, nan_streak, bf16], "one_rank": [parity, universal, wrong_world]}
 
 
 def main() -> None:

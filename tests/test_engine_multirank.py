@@ -124,6 +124,21 @@ def test_nan_on_one_rank_skips_the_step_everywhere(job, stage):
     assert all(isinstance(line["loss"], float) for line in (lines[0], lines[1], lines[3]))
 
 
+@pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3", "zero2_bf16"])
+def test_nan_gradient_with_finite_loss_skips_the_step_everywhere(job, stage):
+    """A NaN gradient on rank 1 at step 3 while every loss is finite: with plain fp32 ZeRO-0 the
+    engine's own norm check refuses the step, otherwise DeepSpeed's; either way both ranks keep
+    their state and the log names the gradient norm."""
+    for rank in (0, 1):
+        r = job("nan_grad", rank=rank)[stage]
+        assert r["unchanged_by_skip"] and r["changed_by_next"], (rank, r)
+    lines = job("nan_grad")[stage]["lines"]
+    assert [line.get("skip_reason") for line in lines] == [None, None, "grad_norm", None]
+    assert [line["skipped_steps"] for line in lines] == [0, 0, 1, 1]
+    assert isinstance(lines[2]["loss"], float) and lines[2]["grad_norm"] is None
+    assert lines[3]["lr"] == lines[2]["lr"]
+
+
 def test_consecutive_skips_stop_the_run_naming_step_and_checkpoint(job):
     """max_consecutive_skips=2; NaN on rank 0 at steps 2, 3, 4: the third skip in a row stops it."""
     r = job("nan_streak")
