@@ -163,9 +163,13 @@ def _tokenizer(cfg: Config):
 
 
 def _encoder(cfg: Config, device: str):
-    """The run's sentence encoder when its latent size is the model's, else None."""
+    """The run's sentence encoder when it loads here and its latent size is the model's, else None
+    (then no cosine to an embedding is reported)."""
     from .prepare import load_encoder
-    enc = load_encoder(cfg.data.encoder, device)
+    try:
+        enc = load_encoder(cfg.data.encoder, device)
+    except OSError:  # e.g. a hub name that is not cached on an offline machine
+        return None
     return enc if enc.get_embedding_dimension() == cfg.model.latent_dim else None
 
 
@@ -197,8 +201,9 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
     S = cfg.model.max_seq_len
     if sentences is not None:
         if encoder is None:
-            raise SampleError(f"encoder '{cfg.data.encoder}' does not give {cfg.model.latent_dim}-d latents like this "
-                              "model; pass latents with --latents instead of sentences.")
+            raise SampleError(f"encoder '{cfg.data.encoder}' cannot be loaded here or does not give "
+                              f"{cfg.model.latent_dim}-d latents like this model; pass latents with --latents "
+                              "instead of sentences.")
         source = _embed(encoder, sentences)
         lengths = _tokenize(tok, sentences, S)[1] if length is None else torch.full((len(sentences),), length)
     else:
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="change the run's config, e.g. a moved data.path (repeatable)")
     args = parser.parse_args(argv)
     try:
+        if args.steps is not None and args.steps < 1:
+            raise SampleError(f"--steps must be at least 1, got {args.steps}.")
         if args.direction == "t2l" and args.latents:
             raise SampleError("t2l starts from text: pass --sentences or --sentences-file.")
         if args.latents and not Path(args.latents).is_file():
