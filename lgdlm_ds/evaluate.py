@@ -67,7 +67,7 @@ def _l2t(model: LGDLM, ids: Tensor, real: Tensor, latents: Tensor, latent_t: Ten
     """The L2T pass: (correct tokens, summed CE) over the real positions."""
     tokens = torch.where(real, mask_token_id, ids)
     hidden, _ = model.trunk(tokens, latents, torch.ones_like(latent_t), latent_t, real)
-    ce, argmax, _ = model.text_head(hidden[real], ids[real])
+    _, ce, argmax, _ = model.text_head(hidden[real], ids[real])
     return (argmax == ids[real]).sum(), ce.float().sum()
 
 

@@ -22,6 +22,7 @@ import sys
 import torch
 
 from .config import Config, ConfigError, ModelConfig, load_config
+from .ds_config import load_ds_config
 from .memtrack import LiveBytes
 from .model import build_model, parameter_counts
 from .text_head import CHUNK_ELEMENTS
@@ -32,7 +33,7 @@ RESERVE = 0.10
 
 
 @functools.lru_cache(maxsize=None)
-def _trunk_profile(model_fields: tuple, rows: int) -> tuple[int, int]:
+def _trunk_profile(model_fields: tuple, rows: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(bytes the trunk's forward leaves alive for backward, peak bytes during forward+backward)
     for one model call on ``rows`` rows, run on the meta device. Gradients exist before the
     measured call, as in training (they are model states, accumulated in place)."""
@@ -40,15 +41,15 @@ def _trunk_profile(model_fields: tuple, rows: int) -> tuple[int, int]:
     if model_cfg.n_blocks > 2:
         # Blocks are identical: profile one and two, and extrapolate what each block adds to the
         # memory alive after forward (the backward's peak rides on top of all of it).
-        one = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=1)), rows)
-        two = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=2)), rows)
+        one = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=1)), rows, dtype)
+        two = _trunk_profile(dataclasses.astuple(dataclasses.replace(model_cfg, n_blocks=2)), rows, dtype)
         per_block = two[0] - one[0]
         extra = (model_cfg.n_blocks - 2) * per_block
         return two[0] + extra, two[1] + extra
-    model = build_model(model_cfg, device="meta")
+    model = build_model(model_cfg, device="meta").to(dtype)
     seq = model_cfg.max_seq_len
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
-    z = torch.zeros(rows, model_cfg.latent_dim, device="meta")
+    z = torch.zeros(rows, model_cfg.latent_dim, device="meta", dtype=dtype)
     t = torch.zeros(rows, device="meta")
     mask = torch.ones(rows, seq, dtype=torch.bool, device="meta")
 
@@ -64,26 +65,27 @@ def _trunk_profile(model_fields: tuple, rows: int) -> tuple[int, int]:
     return after_forward, live.peak
 
 
-def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0) -> int:
+def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0, dtype: torch.dtype = torch.float32) -> int:
     """Peak non-model memory (activations, head buffers, temporaries) of one micro-step.
-    ``fill`` is the share of real (non-padding) tokens; 1.0 is the worst case."""
+    ``fill`` is the share of real (non-padding) tokens; 1.0 is the worst case. ``dtype``: the
+    precision the model computes in (bf16 under the bf16 DeepSpeed JSONs)."""
     cycle = cfg.loss.loss_type == "cycle_vae"
     rows = 2 * micro_batch if cycle else micro_batch
-    alive, trunk_peak = _trunk_profile(dataclasses.astuple(cfg.model), rows)
+    alive, trunk_peak = _trunk_profile(dataclasses.astuple(cfg.model), rows, dtype)
     h, seq, vocab = cfg.model.hidden_size, cfg.model.max_seq_len, cfg.model.vocab_size
     positions = int(micro_batch * seq * fill)  # text positions supervised per model call, at most
-    # The chunked CE keeps its gathered hidden rows and one log-sum-exp per position; while it
-    # runs it holds a chunk of fp32 logits and one more of the same size (softmax), and in
-    # backward an fp32 accumulator of the head's weight gradient.
-    stage = alive + positions * (h * 4 + 8)
-    chunk = min(max(1, CHUNK_ELEMENTS // vocab), positions) * vocab * 4
-    head = 2 * chunk + vocab * h * 4
+    # The chunked CE computes its gradients in forward and keeps them for backward: one row per
+    # supervised position and an fp32 weight-sized gradient. While it runs forward it also holds a
+    # chunk of fp32 logits and a weight-sized product; its backward, one weight-sized gradient.
+    weight_grad = vocab * h * 4
+    stage = alive + positions * h * dtype.itemsize + weight_grad
+    head = min(max(1, CHUNK_ELEMENTS // vocab), positions) * vocab * 4 + weight_grad
     if not cycle or cfg.loss.cycle_stagewise:  # one model call's graph at a time
         return int(max(stage + head, trunk_peak))
     # Both stages in one graph: stage 2's backward runs while stage 1 is still saved, and every
     # parameter gradient it produces is held by autograd until stage 1's contribution is added.
-    grads = sum(p.numel() * p.element_size() for p in build_model(cfg.model, device="meta").parameters())
-    return int(max(2 * stage + head, stage + trunk_peak, stage + grads + head, grads + trunk_peak))
+    grads = sum(p.numel() for p in build_model(cfg.model, device="meta").parameters()) * dtype.itemsize
+    return int(max(2 * stage + head, stage + trunk_peak, stage + grads + weight_grad, grads + trunk_peak))
 
 
 def model_state_bytes(total_params: int, largest_layer: int, gpus: int, nodes: int) -> dict[str, float]:
@@ -101,16 +103,17 @@ def model_state_bytes(total_params: int, largest_layer: int, gpus: int, nodes: i
     }
 
 
-def _largest_micro_batch(cfg: Config, free: float) -> int:
+def _largest_micro_batch(cfg: Config, free: float, dtype: torch.dtype) -> int:
     """Largest micro-batch whose activations fit in ``free`` bytes (they grow with it)."""
-    if free <= 0 or predict_other_bytes(cfg, 1) > free:
+    fits = lambda mb: predict_other_bytes(cfg, mb, dtype=dtype) <= free  # noqa: E731
+    if free <= 0 or not fits(1):
         return 0
     lo, hi = 1, 2
-    while predict_other_bytes(cfg, hi) <= free:
+    while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if predict_other_bytes(cfg, mid) <= free else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
@@ -120,13 +123,14 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, nodes: int = 1) -> dict:
     largest = max(p.numel() for p in model.parameters())
     budget = gpu_mem_gib * GIB * (1 - RESERVE)
     mb = cfg.training.micro_batch_size
-    other = predict_other_bytes(cfg, mb)
+    dtype = torch.bfloat16 if load_ds_config(cfg).get("bf16", {}).get("enabled") else torch.float32
+    other = predict_other_bytes(cfg, mb, dtype=dtype)
     stages = {}
     for stage, states in model_state_bytes(total, largest, gpus, nodes).items():
         stages[stage] = {"model_states_gib": states / GIB, "activations_gib": other / GIB,
                          "total_gib": (states + other) / GIB, "fits": states + other <= budget,
-                         "max_micro_batch": _largest_micro_batch(cfg, budget - states)}
-    return {"total_params": total, "micro_batch_size": mb, "gpus": gpus * nodes, "gpu_mem_gib": gpu_mem_gib,
+                         "max_micro_batch": _largest_micro_batch(cfg, budget - states, dtype)}
+    return {"total_params": total, "micro_batch_size": mb, "compute_dtype": str(dtype).removeprefix("torch."), "gpus": gpus * nodes, "gpu_mem_gib": gpu_mem_gib,
             "reserve": RESERVE, "memory_mode": ("ac" if cfg.model.activation_checkpointing else "plain")
             + ("+stagewise" if cfg.loss.cycle_stagewise else ""), "stages": stages}
 
@@ -142,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpus < 1 or args.nodes < 1 or args.gpu_mem <= 0:
         sys.exit("error: --gpus and --nodes must be >= 1 and --gpu-mem > 0.")
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        r = report(load_config(args.recipe, args.overrides), args.gpus, args.gpu_mem, args.nodes)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    r = report(cfg, args.gpus, args.gpu_mem, args.nodes)
-    print(f"{r['total_params'] / 1e9:.2f}B parameters, micro-batch {r['micro_batch_size']}, {r['memory_mode']}, "
+    print(f"{r['total_params'] / 1e9:.2f}B parameters, micro-batch {r['micro_batch_size']}, {r['compute_dtype']}, "
+          f"{r['memory_mode']}, "
           f"{r['gpus']} x {r['gpu_mem_gib']:g} GiB ({RESERVE:.0%} reserved)")
     print(f"{'stage':<15}{'states GiB':>11}{'activ. GiB':>11}{'total GiB':>11}{'fits':>6}{'max micro-batch':>17}")
     for stage, s in r["stages"].items():

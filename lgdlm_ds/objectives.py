@@ -107,14 +107,15 @@ def run_stage(model: nn.Module, passes: list[Pass], categorical: bool = False) -
         masks = [passes[i].text_loss_mask for i in text_idx]
         hidden = torch.cat([text_h[spans[i][0]:spans[i][1]][m] for i, m in zip(text_idx, masks)])
         targets = torch.cat([passes[i].text_targets[m] for i, m in zip(text_idx, masks)])
-        ce, argmax, sampled = model.text_head(hidden, targets, categorical)
+        weights = torch.cat([passes[i].text_weights[m] if passes[i].text_weights is not None
+                             else torch.ones(int(m.sum()), device=m.device) for i, m in zip(text_idx, masks)])
         counts = [int(m.sum()) for m in masks]
-        for i, m, ce_i, am_i, s_i, t_i in zip(text_idx, masks, ce.split(counts), argmax.split(counts),
-                                              sampled.split(counts), targets.split(counts)):
+        sums, _, argmax, sampled = model.text_head(hidden, targets, categorical, weights, counts)
+        for i, m, sum_i, am_i, s_i, t_i in zip(text_idx, masks, sums, argmax.split(counts), sampled.split(counts),
+                                               targets.split(counts)):
             p, r = passes[i], results[i]
-            w = ce_i if p.text_weights is None else ce_i * p.text_weights[m]
-            r.text_loss = w.sum() / p.text_denominator.clamp_min(1)
-            r.text_accuracy = (am_i == t_i).float().mean() if t_i.numel() else ce_i.new_zeros(())
+            r.text_loss = sum_i / p.text_denominator.clamp_min(1)
+            r.text_accuracy = (am_i == t_i).float().mean() if t_i.numel() else sum_i.new_zeros(())
             r.sampled_tokens = p.tokens.masked_scatter(m, s_i)
 
     latent_idx = [i for i, p in enumerate(passes) if p.latent_target is not None]

@@ -59,8 +59,8 @@ def _top1(model: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """Most likely token and its log-probability for hidden [N, H], through the chunked head, so
     [N, V] logits never exist in full. Two head calls whatever N: under ZeRO-3 every rank gathers the
     head the same number of times."""
-    _, argmax, _ = model.text_head(hidden, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device))
-    ce, _, _ = model.text_head(hidden, argmax)
+    _, _, argmax, _ = model.text_head(hidden, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device))
+    _, ce, _, _ = model.text_head(hidden, argmax)
     return argmax, -ce
 
 

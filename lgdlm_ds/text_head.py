@@ -1,9 +1,13 @@
 """The vocabulary head, with a cross-entropy that never holds [positions, V] logits in full.
 
-A text pass's logits (B*S*V floats) are its largest tensor. ``TextHead(hidden, targets=...)``
-computes cross-entropy chunk by chunk in forward and recomputes each chunk's logits in backward,
-so only one chunk of logits is alive at a time. It is one module call, so under ZeRO-3 the
-weight is gathered once for all chunks.
+A text pass's logits (B*S*V floats) are its largest tensor. ``TextHead(hidden, targets, ...)``
+computes the cross-entropy chunk by chunk, so only one chunk of logits is alive at a time, and it
+returns per-pass weighted sums of it: a loss is linear in those sums, so the gradient of every
+chunk's logits (softmax - onehot, times the position's weight) is known in forward. It is reduced
+there, while the chunk is at hand, to the gradients of the hidden rows, the weight and the bias;
+backward only scales them by each pass's incoming gradient. That costs the same arithmetic as an
+unchunked head (no logits are recomputed) and holds one fp32 weight-sized gradient per pass. It is
+one module call, so under ZeRO-3 the weight is gathered once for all chunks.
 """
 from __future__ import annotations
 
@@ -21,42 +25,53 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk, categorical):
-        n = h.shape[0]
+    def forward(ctx, h, weight, bias, targets, weights, pass_sizes, chunk, categorical):
+        n, acc = h.shape[0], torch.promote_types(weight.dtype, torch.float32)
         ce = torch.empty(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        lse = torch.empty_like(ce)
         argmax = torch.empty(n, dtype=torch.long, device=h.device)
         sampled = torch.empty_like(argmax) if categorical else argmax
+        grads = any(ctx.needs_input_grad[:3])
+        if grads:
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros((len(pass_sizes), *weight.shape), dtype=acc, device=weight.device)
+            grad_b = torch.zeros((len(pass_sizes), *bias.shape), dtype=acc, device=bias.device)
+        starts = [sum(pass_sizes[:p]) for p in range(len(pass_sizes) + 1)]
         for i in range(0, n, chunk):
-            logits = _chunk_logits(h[i:i + chunk], weight, bias)
-            lse[i:i + chunk] = logits.logsumexp(-1)
-            ce[i:i + chunk] = lse[i:i + chunk] - logits.gather(1, targets[i:i + chunk, None])[:, 0]
-            argmax[i:i + chunk] = logits.argmax(-1)
+            j = min(i + chunk, n)
+            logits = _chunk_logits(h[i:j], weight, bias)
+            lse = logits.logsumexp(-1)
+            ce[i:j] = lse - logits.gather(1, targets[i:j, None])[:, 0]
+            argmax[i:j] = logits.argmax(-1)
             if categorical:  # Gumbel-max: an exact sample of softmax(logits), one chunk at a time
                 u = torch.rand_like(logits).clamp_min_(torch.finfo(logits.dtype).tiny)
-                sampled[i:i + chunk] = (logits - torch.log(-torch.log(u))).argmax(-1)
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk = chunk
-        ctx.mark_non_differentiable(argmax, sampled)
-        return ce, argmax, sampled
+                sampled[i:j] = (logits - torch.log(-torch.log(u))).argmax(-1)
+            if grads:  # d(weight_i * ce_i) / d logits_i = weight_i * (softmax_i - onehot(target_i))
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(j - i, device=g.device), targets[i:j]] -= 1
+                g.mul_(weights[i:j, None].to(g.dtype))
+                grad_h[i:j] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                gt = g.t().to(weight.dtype)  # the weight's precision for the GEMM, accumulated in fp32
+                for p in range(len(pass_sizes)):  # the passes this chunk's rows belong to
+                    lo, hi = max(i, starts[p]), min(j, starts[p + 1])
+                    if lo < hi:
+                        grad_w[p] += gt[:, lo - i:hi - i] @ h[lo:hi].to(weight.dtype)
+                        grad_b[p] += g[lo - i:hi - i].sum(0).to(acc)
+        sums = torch.stack([(ce[a:b] * weights[a:b].to(ce.dtype)).sum() for a, b in zip(starts[:-1], starts[1:])])
+        if grads:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.pass_sizes = pass_sizes
+            ctx.dtypes = (weight.dtype, bias.dtype)
+        ctx.mark_non_differentiable(ce, argmax, sampled)
+        return sums, ce, argmax, sampled
 
     @staticmethod
-    def backward(ctx, grad_ce, _grad_argmax, _grad_sampled):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        for i in range(0, h.shape[0], ctx.chunk):
-            hc = h[i:i + ctx.chunk]
-            # d ce / d logits = softmax - onehot(target)
-            g = (_chunk_logits(hc, weight, bias) - lse[i:i + ctx.chunk, None]).exp_()
-            g[torch.arange(g.shape[0], device=g.device), targets[i:i + ctx.chunk]] -= 1
-            g.mul_(grad_ce[i:i + ctx.chunk, None])
-            grad_h[i:i + ctx.chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
-            grad_w += g.t() @ hc.to(acc)
-            grad_b += g.sum(0)
-        return grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None, None
+    def backward(ctx, grad_sums, *_unused):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_sums.to(grad_w.dtype)
+        per_row = torch.repeat_interleave(grad_sums.to(grad_h.dtype),
+                                          torch.tensor(ctx.pass_sizes, device=grad_h.device))
+        return (grad_h * per_row[:, None], torch.tensordot(scale, grad_w, dims=1).to(ctx.dtypes[0]),
+                (scale @ grad_b).to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 class TextHead(nn.Linear):
@@ -67,14 +82,21 @@ class TextHead(nn.Linear):
         nn.init.normal_(self.weight, std=0.02)
         nn.init.zeros_(self.bias)
 
-    def forward(self, hidden: Tensor, targets: Tensor | None = None, categorical: bool = False):
+    def forward(self, hidden: Tensor, targets: Tensor | None = None, categorical: bool = False,
+                weights: Tensor | None = None, pass_sizes: tuple[int, ...] | None = None):
         """Without targets: logits [..., V]. With targets (hidden [N, H], targets [N]): returns
-        (ce [N], argmax [N], sample [N]) where sample is a categorical draw from the logits when
-        ``categorical`` and the argmax otherwise; only ce carries gradient."""
+        (sums [P], ce [N], argmax [N], sample [N]). The N rows are ``pass_sizes`` consecutive
+        groups (default: one), ``sums[p]`` is the sum over group p of weights * ce (weights
+        default 1) and is the only output that carries gradient; ``sample`` is a categorical
+        draw from the logits when ``categorical`` and the argmax otherwise."""
         if targets is None:
             return super().forward(hidden)
-        if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-            raise ValueError(f"chunked CE needs hidden [N, H] and targets [N], got {tuple(hidden.shape)} "
-                             f"and {tuple(targets.shape)}.")
+        n = hidden.shape[0]
+        pass_sizes = (n,) if pass_sizes is None else tuple(pass_sizes)
+        if hidden.dim() != 2 or targets.shape != (n,) or sum(pass_sizes) != n:
+            raise ValueError(f"chunked CE needs hidden [N, H], targets [N] and pass sizes adding up to N, got "
+                             f"{tuple(hidden.shape)}, {tuple(targets.shape)} and {pass_sizes}.")
+        weights = torch.ones(n, device=hidden.device) if weights is None else weights
         chunk = max(1, CHUNK_ELEMENTS // self.out_features)
-        return _ChunkedCrossEntropy.apply(hidden, self.weight, self.bias, targets, chunk, categorical)
+        return _ChunkedCrossEntropy.apply(hidden, self.weight, self.bias, targets, weights, pass_sizes, chunk,
+                                          categorical)
