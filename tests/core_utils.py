@@ -14,7 +14,9 @@ from lgdlm_ds.objectives import TrainStep
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "00_smoke" / "recipe.yaml"
 TINY = ["model.vocab_size=300", "model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=2",
         "model.max_seq_len=12", "model.latent_dim=8", "model.attn_heads=2", "model.attn_dim_head=16",
-        "loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"]
+        "loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0",
+        # synthetic data instead of the recipe's prepared corpus
+        "data.kind=synthetic", "data.path=", "data.corpus=", "data.standardize_latents=false"]
 
 
 def tiny_config(*overrides: str):

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 TINY = ["model.vocab_size=128", "model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=2",
         "model.max_seq_len=16", "model.latent_dim=8", "model.attn_heads=2", "model.attn_dim_head=16",
+        "data.kind=synthetic", "data.path=", "data.corpus=", "data.standardize_latents=false",
         "data.num_samples=9", "data.val_fraction=0.5",
         "loss.cycle_text_warmup_steps=1", "loss.cycle_text_ramp_steps=3",
         "loss.cycle_latent_warmup_steps=2", "loss.cycle_latent_ramp_steps=2",
