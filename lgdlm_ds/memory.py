@@ -104,17 +104,22 @@ def model_state_bytes(total_params: int, largest_layer: int, gpus: int, nodes: i
 
 
 def _largest_micro_batch(cfg: Config, free: float, dtype: torch.dtype) -> int:
-    """Largest micro-batch whose activations fit in ``free`` bytes (they grow with it)."""
-    fits = lambda mb: predict_other_bytes(cfg, mb, dtype=dtype) <= free  # noqa: E731
-    if free <= 0 or not fits(1):
+    """Largest micro-batch whose activations fit in ``free`` bytes. Activations grow linearly
+    with it once its size-independent buffers are outweighed: extrapolate from two sizes, then
+    step to the exact answer."""
+    predict = lambda mb: predict_other_bytes(cfg, mb, dtype=dtype)  # noqa: E731
+    if free <= 0 or predict(1) > free:
         return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    base = max(4, cfg.training.micro_batch_size)
+    slope = max((predict(2 * base) - predict(base)) / base, 1.0)
+    guess = max(1, base + int((free - predict(base)) // slope))
+    if predict(guess) <= free:
+        while predict(guess + 1) <= free:
+            guess += 1
+    else:
+        while guess > 1 and predict(guess) > free:
+            guess -= 1
+    return guess
 
 
 def report(cfg: Config, gpus: int, gpu_mem_gib: float, nodes: int = 1) -> dict:
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         r = report(load_config(args.recipe, args.overrides), args.gpus, args.gpu_mem, args.nodes)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    print(f"{r['total_params'] / 1e9:.2f}B parameters, micro-batch {r['micro_batch_size']}, {r['compute_dtype']}, "
+    size = f"{r['total_params'] / 1e9:.2f}B" if r["total_params"] >= 1e9 else f"{r['total_params'] / 1e6:.1f}M"
+    print(f"{size} parameters, micro-batch {r['micro_batch_size']}, {r['compute_dtype']}, "
           f"{r['memory_mode']}, "
           f"{r['gpus']} x {r['gpu_mem_gib']:g} GiB ({RESERVE:.0%} reserved)")
     print(f"{'stage':<15}{'states GiB':>11}{'activ. GiB':>11}{'total GiB':>11}{'fits':>6}{'max micro-batch':>17}")
