@@ -41,7 +41,7 @@ from .data import SyntheticDataset
 from .diffusion import LatentDiffusion
 from .memtrack import LiveBytes
 from .model import build_model
-from .objectives import TrainStep, ramp_weight
+from .objectives import TrainStep, latent_time, ramp_weight
 
 VARIANTS = ("naive", "single", "cycle", "cycle_ac", "cycle_stagewise", "cycle_stagewise_ac")
 
@@ -86,16 +86,12 @@ class NaiveStep(nn.Module):
         self.model, self.cfg = model, cfg
         self.diffusion = LatentDiffusion.from_config(cfg.diffusion)
 
-    def _latent_time(self, b: int) -> torch.Tensor:
-        lo = self.cfg.loss
-        return lo.cycle_latent_t_min + (lo.cycle_latent_t_max - lo.cycle_latent_t_min) * torch.rand(b)
-
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         lo, d = self.cfg.loss, self.diffusion
         ids, x0, real = batch["input_ids"], batch["latent"], batch["attention_mask"]
         b = ids.shape[0]
-        t_base, eps_base = self._latent_time(b).to(ids.device), torch.randn_like(x0)
-        t_cyc, eps_cyc = self._latent_time(b).to(ids.device), torch.randn_like(x0)
+        t_base, eps_base = latent_time(lo, b, ids.device), torch.randn_like(x0)
+        t_cyc, eps_cyc = latent_time(lo, b, ids.device), torch.randn_like(x0)
         ones, zeros = torch.ones(b, device=ids.device), torch.zeros(b, device=ids.device)
         masked = torch.where(real, torch.full_like(ids, self.cfg.data.mask_token_id), ids)
 

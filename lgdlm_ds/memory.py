@@ -33,6 +33,13 @@ RESERVE = 0.10
 
 
 @functools.lru_cache(maxsize=None)
+def _parameters(model_fields: tuple) -> tuple[int, int]:
+    """(parameter count, largest parameter) of the model, built on the meta device once."""
+    model = build_model(ModelConfig(*model_fields), device="meta")
+    return parameter_counts(model)["total_params"], max(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
 def _trunk_profile(model_fields: tuple, rows: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(bytes the trunk's forward leaves alive for backward, peak bytes during forward+backward)
     for one model call on ``rows`` rows, run on the meta device. Gradients exist before the
@@ -84,7 +91,7 @@ def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0, dtype:
         return int(max(stage + head, trunk_peak))
     # Both stages in one graph: stage 2's backward runs while stage 1 is still saved, and every
     # parameter gradient it produces is held by autograd until stage 1's contribution is added.
-    grads = sum(p.numel() for p in build_model(cfg.model, device="meta").parameters()) * dtype.itemsize
+    grads = _parameters(dataclasses.astuple(cfg.model))[0] * dtype.itemsize
     return int(max(2 * stage + head, stage + trunk_peak, stage + grads + weight_grad, grads + trunk_peak))
 
 
@@ -123,9 +130,7 @@ def _largest_micro_batch(cfg: Config, free: float, dtype: torch.dtype) -> int:
 
 
 def report(cfg: Config, gpus: int, gpu_mem_gib: float, nodes: int = 1) -> dict:
-    model = build_model(cfg.model, device="meta")
-    total = parameter_counts(model)["total_params"]
-    largest = max(p.numel() for p in model.parameters())
+    total, largest = _parameters(dataclasses.astuple(cfg.model))
     budget = gpu_mem_gib * GIB * (1 - RESERVE)
     mb = cfg.training.micro_batch_size
     dtype = torch.bfloat16 if load_ds_config(cfg).get("bf16", {}).get("enabled") else torch.float32

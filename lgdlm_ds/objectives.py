@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BASE_MODES, Config
+from .config import BASE_MODES, Config, LossConfig
 from .diffusion import LatentDiffusion, mask_probability, mask_tokens
 
 
@@ -54,6 +54,13 @@ def mode_for_step(cfg: Config, step: int) -> str:
                 return s["type"]
             pos -= s["steps"]
     return loss_type
+
+
+def latent_time(lo: LossConfig, b: int, device) -> Tensor:
+    """Latent time of a T2L pass: 1 (latent_t_mode full) or uniform in [t_min, t_max]."""
+    if lo.latent_t_mode == "full":
+        return torch.ones(b, device=device)
+    return lo.cycle_latent_t_min + (lo.cycle_latent_t_max - lo.cycle_latent_t_min) * torch.rand(b, device=device)
 
 
 def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
@@ -145,12 +152,6 @@ class TrainStep(nn.Module):
 
     # ---- pass builders
 
-    def _latent_time(self, b: int, device) -> Tensor:
-        lo = self.cfg.loss
-        if lo.latent_t_mode == "full":
-            return torch.ones(b, device=device)
-        return lo.cycle_latent_t_min + (lo.cycle_latent_t_max - lo.cycle_latent_t_min) * torch.rand(b, device=device)
-
     def l2t_pass(self, ids: Tensor, real: Tensor, latents: Tensor) -> Pass:
         """All real tokens [MASK] at text t=1, clean latent at t=0; CE over every real token."""
         b = ids.shape[0]
@@ -218,7 +219,7 @@ class TrainStep(nn.Module):
             (r,) = self._run(self.model, [self.l2t_pass(ids, real, x0)])
             return r.text_loss, {"text_loss": r.text_loss, "text_accuracy": r.text_accuracy}
         if mode == "t2l":
-            t = self._latent_time(ids.shape[0], ids.device)
+            t = latent_time(self.cfg.loss, ids.shape[0], ids.device)
             p = self.t2l_pass(ids, real, x0, t, torch.randn_like(x0))
             (r,) = self._run(self.model, [p])
             lat = self.latent_loss(r.latent_pred, p.latent_target, "t2l latent")
@@ -253,8 +254,8 @@ class TrainStep(nn.Module):
         w_lat = ramp_weight(step, lo.cycle_latent_weight, lo.cycle_latent_warmup_steps, lo.cycle_latent_ramp_steps)
         b = ids.shape[0]
         # Draw all noise before any model call: fused, unfused and stage-wise runs see the same numbers.
-        t_base, eps_base = self._latent_time(b, ids.device), torch.randn_like(x0)
-        t_cyc, eps_cyc = self._latent_time(b, ids.device), torch.randn_like(x0)
+        t_base, eps_base = latent_time(self.cfg.loss, b, ids.device), torch.randn_like(x0)
+        t_cyc, eps_cyc = latent_time(self.cfg.loss, b, ids.device), torch.randn_like(x0)
         # In the stage-wise mode stage 2 always runs (weight 0 during warmup): its micro-step
         # must have a graph for the engine's backward.
         run_text, run_lat = lo.cycle_stagewise or w_text > 0, lo.cycle_stagewise or w_lat > 0

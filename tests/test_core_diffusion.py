@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lgdlm_ds.diffusion import LatentDiffusion, mask_probability, mask_tokens
-from lgdlm_ds.objectives import ramp_weight
-from core_utils import tiny_config, tiny_step
+from lgdlm_ds.objectives import latent_time, ramp_weight
+from core_utils import tiny_config
 
 
 def test_ramp_schedule():
@@ -74,10 +74,9 @@ def test_mask_probability_and_padding():
 
 
 def test_latent_time_sampling_modes():
-    step = tiny_step(tiny_config("loss.latent_t_mode=full"))
-    assert (step._latent_time(100, "cpu") == 1).all()
-    step = tiny_step(tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6"))
+    assert (latent_time(tiny_config("loss.latent_t_mode=full").loss, 100, "cpu") == 1).all()
+    lo = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6").loss
     torch.manual_seed(0)
-    t = step._latent_time(10000, "cpu")
+    t = latent_time(lo, 10000, "cpu")
     assert t.dtype == torch.float32 and t.min() >= 0.2 and t.max() <= 0.6
     assert abs(t.mean().item() - 0.4) < 0.01 and t.min() < 0.21 and t.max() > 0.59
