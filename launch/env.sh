@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launchers: activate the project's virtual environment, creating it from
 # requirements.txt when it is missing or the requirements changed. Set LGDLM_PYTHON to use
 # another interpreter, or LGDLM_NO_VENV=1 to use the current environment as it is.

@@ -2,18 +2,34 @@
 # Train a recipe on this node: bash launch/train.sh RECIPE.yaml [section.key=value ...]
 #   NUM_GPUS     ranks to start (default: every visible GPU; 1 on a machine without one)
 #   MASTER_PORT  rendezvous port (default: a free one)
-# Rerunning the same command resumes from the run directory's newest complete checkpoint.
-# Several nodes: launch/slurm_multinode.sbatch.
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-if [ $# -lt 1 ]; then
+#   DRY_RUN=1    print the command and exit
+# Prints the command it runs (environment it sets included) first. Rerunning the same command
+# resumes from the run directory's newest complete checkpoint. Several nodes under SLURM:
+# launch/slurm_multinode.sbatch or launch/slurm_srun.sbatch.
+set -euo pipefail
+if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   echo "usage: bash launch/train.sh RECIPE.yaml [section.key=value ...]" >&2
   exit 2
 fi
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! (cd "$root" && [ -f "$1" ]); then  # the run starts in the repository root (env.sh)
+  echo "error: recipe $1 not found in $root: give its path from the repository root" >&2
+  exit 2
+fi
+source "$root/launch/env.sh"
 export DEEPSPEED_TIMEOUT="${DEEPSPEED_TIMEOUT:-30}"  # minutes; DeepSpeed >= 0.19.5 defaults to 10
 gpus="${NUM_GPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
 port="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+set_env=(DEEPSPEED_TIMEOUT="$DEEPSPEED_TIMEOUT")
 if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   # CPU ranks share the cores; more threads than cores per rank only thrash.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / gpus > 0 ? $(nproc) / gpus : 1 ))}"
+  set_env+=(OMP_NUM_THREADS="$OMP_NUM_THREADS")
 fi
-exec deepspeed --num_gpus "$gpus" --master_port "$port" --module lgdlm_ds.train "$@"
+cmd=(deepspeed --num_gpus "$gpus" --master_port "$port" --module lgdlm_ds.train "$@")
+printf '%q ' "${set_env[@]}" "${cmd[@]}"
+echo
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  exit 0
+fi
+exec "${cmd[@]}"

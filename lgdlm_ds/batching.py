@@ -3,7 +3,7 @@
 Every epoch is one permutation of the training split, seeded by (seed, epoch). Optimizer step k
 takes the next G = ranks x accumulation x micro_batch samples of it, cut into ranks x accumulation
 *slots* of micro_batch samples; micro-step m on rank r takes slot m x ranks + r. Sample order,
-micro-batch grouping and slot ids (which also seed the step's noise, see engine.py) depend only on
+micro-batch grouping and slot ids (which also seed the step's noise, see trainer.py) depend only on
 G, not on how it is split over ranks and accumulation: 2 ranks x 1 micro-step and 1 rank x 2
 micro-steps train on the same micro-batches. An epoch's tail shorter than G is dropped.
 
@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+from .seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class DataPosition:
 
 
 def epoch_permutation(dataset_len: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(dataset_len, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(dataset_len, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
 
 
 class StepBatches(Sampler[list[int]]):
@@ -79,3 +81,7 @@ def eval_batches(dataset_len: int, world: int, rank: int, micro_batch: int, max_
                          f"rank ({world} ranks x {micro_batch}); raise data.val_fraction or turn training.eval_every off.")
     return [list(range((e * world + rank) * micro_batch, (e * world + rank + 1) * micro_batch))
             for e in range(min(max_batches, available))]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -41,7 +41,9 @@ from .data import SyntheticDataset
 from .diffusion import LatentDiffusion
 from .memtrack import LiveBytes
 from .model import build_model
-from .objectives import TrainStep, latent_time, ramp_weight
+from .objectives import TrainStep
+from .plan import ObjectivePlan
+from .tools.compare import max_rel_diff, param_grads
 
 VARIANTS = ("naive", "single", "cycle", "cycle_ac", "cycle_stagewise", "cycle_stagewise_ac")
 
@@ -84,14 +86,15 @@ class NaiveStep(nn.Module):
     def __init__(self, model: nn.Module, cfg: Config):
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.plan = ObjectivePlan.from_config(cfg)
         self.diffusion = LatentDiffusion.from_config(cfg.diffusion)
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        lo, d = self.cfg.loss, self.diffusion
+        lo, d, plan = self.cfg.loss, self.diffusion, self.plan
         ids, x0, real = batch["input_ids"], batch["latent"], batch["attention_mask"]
         b = ids.shape[0]
-        t_base, eps_base = latent_time(lo, b, ids.device), torch.randn_like(x0)
-        t_cyc, eps_cyc = latent_time(lo, b, ids.device), torch.randn_like(x0)
+        t_base, eps_base = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
+        t_cyc, eps_cyc = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
         ones, zeros = torch.ones(b, device=ids.device), torch.zeros(b, device=ids.device)
         masked = torch.where(real, torch.full_like(ids, self.cfg.data.mask_token_id), ids)
 
@@ -106,8 +109,7 @@ class NaiveStep(nn.Module):
         pseudo = torch.where(real, logits.detach().argmax(-1), ids)
         _, pred2 = self.model(pseudo, d.add_noise(x0, t_cyc, eps_cyc), zeros, t_cyc, real)
         cycle_latent = F.mse_loss(pred2.float(), d.target(x0, eps_cyc, t_cyc).float())
-        w_text = ramp_weight(step, lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps)
-        w_lat = ramp_weight(step, lo.cycle_latent_weight, lo.cycle_latent_warmup_steps, lo.cycle_latent_ramp_steps)
+        w_text, w_lat = plan.cycle_text.at(step), plan.cycle_latent.at(step)
         return base_l2t + lo.latent_loss_weight * base_t2l + w_text * cycle_text + w_lat * cycle_latent, {}
 
 
@@ -129,19 +131,6 @@ def run_step(module: nn.Module, batch: dict, step: int, seed: int) -> float:
     return loss.item()
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def max_rel_diff(a: dict, b: dict) -> float:
-    """Largest per-tensor relative error ||a - b|| / ||b||. Tensors whose gradient norm is under
-    1e-4 of the largest are compared against that floor: their values are cancellation residues
-    (e.g. hyper-connection mixing parameters), where a relative comparison would measure only the
-    order of summation."""
-    floor = 1e-4 * max(g.norm().item() for g in b.values())
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(floor)).item() for k in b)
-
-
 def measure(variant: str, sizes: Sizes) -> dict:
     """Run in a fresh process: time, FLOPs and peak memory of one variant."""
     cuda = torch.cuda.is_available()
@@ -157,10 +146,10 @@ def measure(variant: str, sizes: Sizes) -> dict:
     if variant.startswith("cycle_stagewise"):  # equal gradients to the plain mode, same seed
         plain = TrainStep(model, bench_config(sizes, variant.replace("_stagewise", "")))
         run_step(plain, batch, 1, seed=7)
-        reference = _grads(model)
+        reference = param_grads(model)
         model.zero_grad(set_to_none=True)
         run_step(module, batch, 1, seed=7)
-        out["grad_rel_diff_vs_plain"] = max_rel_diff(_grads(model), reference)
+        out["grad_rel_diff_vs_plain"] = max_rel_diff(param_grads(model), reference)
 
     out["loss_at_step_1"] = run_step(module, batch, 1, seed=1)  # warm-up; allocates the gradients
     out["model_state_bytes"] = sum(p.numel() * p.element_size() * 2 for p in model.parameters())

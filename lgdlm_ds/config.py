@@ -115,11 +115,18 @@ class DataConfig:
     """synthetic (random sentences with a learnable latent) | per_sample (older tokens/ + latents/)
     | packed (shards written by ``python -m lgdlm_ds.prepare``)."""
     path: str = ""
-    """Dataset root. per_sample: holds tokens/<name>.npz and latents/<name>.npy. packed: holds
-    metadata.json and the shards (prepared there on first use when data.corpus is set)."""
+    """Dataset root. per_sample: holds tokens/ and latents/ (see data.token_dir, data.latent_dir).
+    packed: holds metadata.json and the shards (prepared there on first use when data.corpus is set)."""
+    token_dir: str = ""
+    """per_sample, instead of data.path: the folder of token files, <name>.npz or <name>_tokens.npz
+    (input_ids [S], attention_mask [S]), directly or in train/ and validation/ subfolders."""
+    latent_dir: str = ""
+    """per_sample, with data.token_dir: the folder of latent files, <name>.npy (float32 [D], [1, D]
+    or [N, D]: the first row), with the same subfolders. Latents without a token file are not used."""
     val_fraction: float = 0.01
-    """Share of samples held out for validation, split by a hash of the sample name (per_sample)
-    or of the sentence text (packed; fixed when the data is prepared)."""
+    """Share of samples held out for validation, split by a hash of the sample name (per_sample
+    without train/ and validation/ subfolders, which are the split when present) or of the sentence
+    text (packed; fixed when the data is prepared)."""
     num_samples: int = 4096
     """Synthetic only: samples in the training split."""
     mask_token_id: int = 103
@@ -378,20 +385,21 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= lo.cycle_latent_t_min < lo.cycle_latent_t_max <= 1.0, "loss.cycle_latent_t_min",
              f"need 0 <= cycle_latent_t_min < cycle_latent_t_max <= 1, got "
              f"{lo.cycle_latent_t_min} and {lo.cycle_latent_t_max}.")
-    trains_t2l_at_one = lo.latent_t_mode == "full" and (
-        lo.loss_type in ("t2l", "cycle_vae")
-        or (lo.loss_type == "random" and tr.mode_weights.get("t2l", 0) > 0)
-        or (lo.loss_type == "sequential" and any(s.get("type") == "t2l" for s in tr.mode_schedule)))
-    _require(not (d.latent_parameterization == "epsilon" and trains_t2l_at_one),
-             "diffusion.latent_parameterization",
-             "an epsilon target with the T2L latent time fixed at 1 (loss.latent_t_mode: full) is "
-             "degenerate: at t=1 the noisy latent IS the noise, so copying the input minimises the "
-             "loss and the text is ignored. Use latent_parameterization x0 or v (v ~ -x0 at t=1), "
-             "or loss.latent_t_mode: random.")
     _require(data.kind in ("synthetic", "per_sample", "packed"), "data.kind",
              f"'{data.kind}' is not one of synthetic, per_sample, packed.")
-    _require(data.kind != "per_sample" or bool(data.path), "data.path",
-             "data.kind per_sample needs the dataset root (holding tokens/ and latents/).")
+    per_sample_dirs = {k: getattr(data, k) for k in ("token_dir", "latent_dir")}
+    for key, value in per_sample_dirs.items():
+        _require(not value or data.kind == "per_sample", f"data.{key}",
+                 "is read only by data.kind per_sample; set that kind, or leave it empty.")
+        _require(not value or not data.path, f"data.{key}",
+                 "set either data.path (the root holding tokens/ and latents/) or data.token_dir and "
+                 "data.latent_dir, not both.")
+        _require(bool(value) or not any(per_sample_dirs.values()), f"data.{key}",
+                 "data.token_dir and data.latent_dir go together: set both (the folders of the token "
+                 "files and of the latent files).")
+    _require(data.kind != "per_sample" or bool(data.path) or all(per_sample_dirs.values()), "data.path",
+             "data.kind per_sample needs the dataset root (holding tokens/ and latents/), or "
+             "data.token_dir and data.latent_dir.")
     _require(data.kind != "packed" or bool(data.path), "data.path",
              "data.kind packed needs the dataset directory (prepared there on first use when "
              "data.corpus is set).")
@@ -442,3 +450,13 @@ def validate(cfg: Config) -> None:
                      f"'{s['type']}' is not one of {', '.join(BASE_MODES)}.")
             _require(isinstance(s["steps"], int) and s["steps"] > 0, f"training.mode_schedule[{i}].steps",
                      f"must be a positive integer, got {s['steps']!r}.")
+    # Last: the objective's plan reads the mode weights and schedule checked above.
+    from .plan import ObjectivePlan  # imported here: plan imports this module
+    plan = ObjectivePlan.from_config(cfg)
+    _require(not (d.latent_parameterization == "epsilon" and "t2l" in plan.trained_modes
+                  and plan.latent_time.mode == "full"),
+             "diffusion.latent_parameterization",
+             "an epsilon target with the T2L latent time fixed at 1 (loss.latent_t_mode: full) is "
+             "degenerate: at t=1 the noisy latent IS the noise, so copying the input minimises the "
+             "loss and the text is ignored. Use latent_parameterization x0 or v (v ~ -x0 at t=1), "
+             "or loss.latent_t_mode: random.")

@@ -3,35 +3,49 @@
 
 - ``SyntheticDataset``: random sentences of real shape whose latent is a fixed function of their
   tokens (so L2T and T2L have something to learn); deterministic by (seed, split, index).
-- ``PerSampleDataset``: the older layout, ``tokens/<name>.npz`` (input_ids, attention_mask) +
-  ``latents/<name>.npy`` (float32 [D]). Every file is listed (no scan limit), train and validation
-  are split by a hash of the name (disjoint, stable when files are added), and a bad sample is an
-  error naming its file, never a silent zero sample.
+- ``PerSampleDataset``: the older layout, a token folder of ``<name>.npz`` or ``<name>_tokens.npz``
+  (input_ids, attention_mask) beside a latent folder of ``<name>.npy`` (float32 [D], [1, D] or
+  [N, D]: the first row, as the older reader took it), either holding the files directly or in
+  ``train/`` and ``validation/`` subfolders. Every token file with a latent is used (no scan limit);
+  latents without a token file are counted and left out (the older data has many); a token file
+  without its latent, or a bad sample, is an error naming the file, never a silent zero sample.
+  Split folders are the split; without them train and validation are split by a hash of the sample
+  name (disjoint, stable when files are added). Listing millions of files takes minutes, so a run
+  keeps the listing in ``<run_dir>/data_index/`` and lists again only when a folder changed.
 - ``PackedDataset``: shards written by ``python -m lgdlm_ds.prepare``, memory-mapped, for millions
   of samples. ``<root>/metadata.json`` records how the data was made (tokenizer, encoder, sequence
   length, latent size, special ids, per-dimension latent mean/std) and lists the shards of each
   split; each shard directory ``<split>-NNNNN/`` holds ``input_ids.npy`` [N, S] (padded),
-  ``lengths.npy`` [N] (real tokens per row), ``latents.npy`` [N, D] float32, ``sentences.txt`` (the
-  source sentences, one per line) and ``shard.json``. A shard directory appears by an atomic rename
+  ``lengths.npy`` [N] (real tokens per row), ``latents.npy`` [N, D] float32, the source of each row
+  (``sentences.txt``: its sentence, one per line; converted from the per-sample layout,
+  ``samples.txt``: its token file) and ``shard.json``. A shard directory appears by an atomic rename
   once complete and is never rewritten; metadata.json is written last.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
+import time
+import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import Config
+from .config import Config, DataConfig
+from .fileio import write_atomic
+from .seeding import derive_seed
 
 SPLITS = ("train", "validation")
 PACKED_FORMAT = "lgdlm-packed-1"
 METADATA_FILE = "metadata.json"
 TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE = "input_ids.npy", "lengths.npy", "latents.npy"
-SENTENCES_FILE, SHARD_FILE = "sentences.txt", "shard.json"
+SENTENCES_FILE, SAMPLES_FILE, SHARD_FILE = "sentences.txt", "samples.txt", "shard.json"
 
 
 class DataError(ValueError):
@@ -54,7 +68,7 @@ class SyntheticDataset(Dataset):
         n_val = max(1, round(d.num_samples * d.val_fraction))
         # Validation indices follow the training ones: the two splits never share a sample.
         self.offset, self.length = (0, d.num_samples) if split == "train" else (d.num_samples, n_val)
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", "token_latents"))
         self.token_latents = torch.randn(m.vocab_size, m.latent_dim, generator=g)
 
     def __len__(self) -> int:
@@ -63,7 +77,7 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.length:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + i + 1)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", self.offset + i))
         n = int(torch.randint(max(1, self.seq_len // 4), self.seq_len + 1, (1,), generator=g))
         ids = torch.randint(0, self.vocab - len(self.specials), (n,), generator=g)
         for s in self.specials:  # shift past the special ids so none is ever drawn
@@ -77,57 +91,235 @@ class SyntheticDataset(Dataset):
                 "latent": z / z.norm() * z.numel() ** 0.5}  # unit variance per dimension
 
 
+TOKENS_SUFFIX = "_tokens"  # tokens/<name>_tokens.npz is the token file of <name>, as tokens/<name>.npz is
+INDEX_DIR, INDEX_FORMAT = "data_index", "lgdlm-per-sample-index-1"
+_MODEL_KEYS = ("model.max_seq_len", "model.latent_dim", "model.vocab_size")  # what a sample must fit
+
+
+def _log(message: str) -> None:
+    print(f"data: {message}", file=sys.stderr, flush=True)
+
+
+def per_sample_dirs(d: DataConfig) -> tuple[Path, Path]:
+    """The token and latent folders of a per_sample recipe: data.path's tokens/ and latents/, or
+    data.token_dir and data.latent_dir."""
+    if d.path:
+        root = Path(d.path).expanduser()
+        return root / "tokens", root / "latents"
+    return Path(d.token_dir).expanduser(), Path(d.latent_dir).expanduser()
+
+
+def sample_name(token_file: str) -> str:
+    return token_file.removesuffix(".npz").removesuffix(TOKENS_SUFFIX)
+
+
+def load_per_sample(tok_path: Path, lat_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask and latent of one sample, as stored."""
+    try:
+        with np.load(tok_path) as f:
+            ids, mask = f["input_ids"], f["attention_mask"]
+        latent = np.load(lat_path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read sample {tok_path} + {lat_path}: {e}") from e
+    return ids, mask, latent
+
+
+def read_per_sample(tok_path: Path, lat_path: Path, seq_len: int, latent_dim: int, vocab_size: int,
+                    sources: tuple[str, str, str] = _MODEL_KEYS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One checked sample: input_ids [S] int64, attention_mask [S] bool, latent [D] float32.
+    ``sources`` say where the expected sequence length, latent size and vocabulary size come from."""
+    ids, mask, latent = load_per_sample(tok_path, lat_path)
+    if ids.shape != (seq_len,) or mask.shape != (seq_len,):
+        raise DataError(f"{tok_path}: input_ids {ids.shape} / attention_mask {mask.shape}, expected ({seq_len},) "
+                        f"from {sources[0]}: every sample must have this length.")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{tok_path}: input_ids are {ids.dtype}, expected integer token ids.")
+    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise DataError(f"{tok_path}: token id {bad} outside the vocabulary [0, {vocab_size}) of {sources[2]}; "
+                        "the data was tokenized with another tokenizer.")
+    row = latent[0] if latent.ndim == 2 and len(latent) else latent  # [1, D] or [N, D]: the first row
+    if row.shape != (latent_dim,):
+        raise DataError(f"{lat_path}: latent shape {latent.shape}, expected ({latent_dim},), (1, {latent_dim}) "
+                        f"or (N, {latent_dim}) from {sources[1]}.")
+    return ids.astype(np.int64), mask.astype(bool), row.astype(np.float32)
+
+
+@dataclass
+class PerSampleListing:
+    """The samples of a per-sample layout. ``groups`` maps each folder level to its token file names
+    that have a latent, sorted: "" when the two folders hold the files directly, else "train" and
+    "validation" (tokens/<split>/ beside latents/<split>/)."""
+    token_dir: Path
+    latent_dir: Path
+    groups: dict[str, list[str]]
+    latent_files: int
+    orphan_latents: int
+    """Latent files without a token file: not used."""
+    orphan_examples: list[str]
+    signature: list[list]
+    """[folder, st_mtime_ns, st_ino] of every folder listed, taken before listing."""
+
+    def to_json(self) -> dict:
+        return {"format": INDEX_FORMAT, "token_dir": str(self.token_dir), "latent_dir": str(self.latent_dir),
+                "signature": self.signature, "latent_files": self.latent_files,
+                "orphan_latents": self.orphan_latents, "orphan_examples": self.orphan_examples,
+                "samples": {g: len(f) for g, f in self.groups.items()}, "groups": self.groups}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PerSampleListing":
+        return cls(Path(d["token_dir"]), Path(d["latent_dir"]), d["groups"], d["latent_files"],
+                   d["orphan_latents"], d["orphan_examples"], d["signature"])
+
+
+def per_sample_levels(token_dir: Path, latent_dir: Path) -> list[str]:
+    """The folder levels of the layout (see PerSampleListing.groups), checked to exist."""
+    for d in (token_dir, latent_dir):
+        if not d.is_dir():
+            raise DataError(f"{d} is missing: a per_sample dataset is a token folder of <name>.npz (or "
+                            "<name>_tokens.npz) files beside a latent folder of <name>.npy files, optionally "
+                            "in train/ and validation/ subfolders. Set data.path to the root holding tokens/ "
+                            "and latents/, or data.token_dir and data.latent_dir to the two folders.")
+    if not (token_dir / "train").is_dir():
+        return [""]
+    levels = [s for s in SPLITS if (token_dir / s).is_dir()]
+    for s in levels:
+        if not (latent_dir / s).is_dir():
+            raise DataError(f"{latent_dir / s} is missing: {token_dir / s} holds the {s} token files, and "
+                            f"their latents belong in {latent_dir / s}/<name>.npy.")
+    return levels
+
+
+def _signature(token_dir: Path, latent_dir: Path, levels: list[str]) -> list[list]:
+    # Adding, removing or renaming a file changes its folder's mtime; a folder replaced by another
+    # (a copy renamed into place) changes the inode.
+    folders = sorted({token_dir, latent_dir, *(token_dir / g for g in levels), *(latent_dir / g for g in levels)})
+    return [[str(p), st.st_mtime_ns, st.st_ino] for p in folders for st in [p.stat()]]
+
+
+def _token_files(folder: Path) -> dict[str, str]:
+    files: dict[str, str] = {}
+    with os.scandir(folder) as entries:  # no stat per file: millions of entries list in seconds
+        for e in entries:
+            if e.name.endswith(".npz"):
+                name = sample_name(e.name)
+                if name in files:
+                    first, second = sorted((files[name], e.name))
+                    raise DataError(f"{folder / first} and {folder / second} are both token files of "
+                                    f"sample '{name}'; remove one.")
+                files[name] = e.name
+    return files
+
+
+def list_per_sample(token_dir: Path, latent_dir: Path) -> PerSampleListing:
+    """List both folders once. A latent without a token file is counted and reported; a token file
+    without its latent is an error naming it."""
+    start = time.perf_counter()
+    levels = per_sample_levels(token_dir, latent_dir)
+    signature = _signature(token_dir, latent_dir, levels)  # before listing: a change meanwhile shows next time
+    tokens = {g: _token_files(token_dir / g) for g in levels}
+    if not any(tokens.values()):
+        where = " or ".join(str(token_dir / g) for g in levels)
+        raise DataError(f"{where} holds no token files (<name>.npz or <name>_tokens.npz); point data.path or "
+                        "data.token_dir at the folder of the older data's token files.")
+    groups, latent_files, orphans, examples = {}, 0, 0, []
+    for g in levels:
+        unpaired, lat_dir, paired = tokens[g], latent_dir / g, []
+        with os.scandir(lat_dir) as entries:
+            for e in entries:
+                if e.name.endswith(".npy"):
+                    latent_files += 1
+                    token_file = unpaired.pop(e.name[:-len(".npy")], None)
+                    if token_file is not None:
+                        paired.append(token_file)
+                    else:
+                        orphans += 1
+                        if len(examples) < 3:
+                            examples.append(str(lat_dir / e.name))
+        if unpaired:
+            first = min(unpaired)
+            more = f" ({len(unpaired)} token files in {token_dir / g} lack their latent)" if len(unpaired) > 1 else ""
+            raise DataError(f"{token_dir / g / unpaired[first]} has no latent: {lat_dir / first}.npy does not "
+                            f"exist{more}. Add the latents, or remove the token files.")
+        groups[g] = sorted(paired)
+    listing = PerSampleListing(token_dir, latent_dir, groups, latent_files, orphans, examples, signature)
+    _log(f"{token_dir}: {sum(map(len, groups.values()))} samples with their latent in {latent_dir}, "
+         f"listed in {time.perf_counter() - start:.1f}s")
+    if orphans:
+        _log(f"{orphans} of the {latent_files} latent files in {latent_dir} have no token file and are not "
+             f"used, e.g. {', '.join(examples)}")
+    return listing
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def per_sample_listing(token_dir: Path, latent_dir: Path, index_dir: Path | None = None) -> PerSampleListing:
+    """The listing of the two folders, kept in ``index_dir`` (JSON, replaced atomically) when one is
+    given, else listed in memory. Rank 0 (or a process outside torch.distributed) reuses the index
+    while the folders' mtimes and inodes are those it recorded, and lists again otherwise; the
+    other ranks take the index as rank 0 left it, so every rank has the same samples (the trainer
+    builds its datasets on rank 0 before the others). A rank that finds no index lists itself."""
+    token_dir, latent_dir = token_dir.expanduser().absolute(), latent_dir.expanduser().absolute()
+    if index_dir is None:
+        return list_per_sample(token_dir, latent_dir)
+    key = hashlib.sha256(f"{token_dir}\n{latent_dir}".encode()).hexdigest()[:16]
+    path = index_dir / f"per_sample-{key}.json"
+    try:
+        index = json.loads(path.read_text())
+        found = PerSampleListing.from_json(index) if index.get("format") == INDEX_FORMAT else None
+    except (OSError, ValueError, KeyError):
+        found = None
+    if found is not None and (found.token_dir, found.latent_dir) == (token_dir, latent_dir):
+        levels = per_sample_levels(token_dir, latent_dir)
+        if _rank() != 0 or found.signature == _signature(token_dir, latent_dir, levels):
+            return found
+    listing = list_per_sample(token_dir, latent_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(listing.to_json()) + "\n")
+    _log(f"listing kept in {path}, reused while the folders are unchanged")
+    return listing
+
+
 class PerSampleDataset(Dataset):
-    def __init__(self, root: str | Path, split: str, val_fraction: float, seq_len: int, latent_dim: int,
-                 vocab_size: int):
+    """One split of the older per-sample layout (see the module docstring)."""
+
+    def __init__(self, token_dir: str | Path, latent_dir: str | Path, split: str, val_fraction: float,
+                 seq_len: int, latent_dim: int, vocab_size: int, index_dir: Path | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
-        self.root = Path(root)
         self.seq_len, self.latent_dim, self.vocab_size = seq_len, latent_dim, vocab_size
-        tok_dir, lat_dir = self.root / "tokens", self.root / "latents"
-        for d in (tok_dir, lat_dir):
-            if not d.is_dir():
-                raise DataError(f"{d} is missing: a per_sample dataset holds tokens/<name>.npz and "
-                                "latents/<name>.npy (set data.path to its root).")
-        tokens = {p.stem for p in tok_dir.glob("*.npz")}
-        latents = {p.stem for p in lat_dir.glob("*.npy")}
-        for name in sorted(tokens ^ latents):
-            have, missing = ((tok_dir / f"{name}.npz", lat_dir / f"{name}.npy") if name in tokens
-                             else (lat_dir / f"{name}.npy", tok_dir / f"{name}.npz"))
-            raise DataError(f"{have} has no partner: {missing} does not exist. Add it or remove {have}.")
-        want_val = split == "validation"
-        self.names = sorted(n for n in tokens if is_validation(n, val_fraction) == want_val)
-        if not self.names:
-            raise DataError(f"the {split} split of {self.root} is empty ({len(tokens)} samples in all, "
-                            f"data.val_fraction={val_fraction}); add samples or change data.val_fraction.")
+        listing = per_sample_listing(Path(token_dir), Path(latent_dir), index_dir)
+        if "" in listing.groups:
+            level, want_val = "", split == "validation"
+            files = [f for f in listing.groups[""] if is_validation(sample_name(f), val_fraction) == want_val]
+            fix = (f" ({len(listing.groups[''])} samples in all, data.val_fraction={val_fraction}); add samples or "
+                   "change data.val_fraction.")
+        elif split in listing.groups:
+            level, files, fix = split, listing.groups[split], "; add samples to it."
+        else:
+            raise DataError(f"{listing.token_dir / split} does not exist: the per-sample data is split by its "
+                            f"{listing.token_dir / 'train'} folder, so the {split} split needs {split}/ in the "
+                            "token and the latent folder. Add them, or set training.eval_every: 0.")
+        self.token_folder, self.latent_folder = listing.token_dir / level, listing.latent_dir / level
+        if not files:
+            raise DataError(f"the {split} split of {self.token_folder} is empty{fix}")
+        # Bytes in one array: compact, and nothing for DataLoader workers to copy by touching refcounts.
+        self.files = np.array([os.fsencode(f) for f in files])
         self[0]  # fail on a malformed dataset now, not hours into training
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        name = self.names[i]
-        tok_path, lat_path = self.root / "tokens" / f"{name}.npz", self.root / "latents" / f"{name}.npy"
-        try:
-            with np.load(tok_path) as f:
-                ids, mask = f["input_ids"], f["attention_mask"]
-            latent = np.load(lat_path)
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"cannot read sample '{name}' ({tok_path}, {lat_path}): {e}") from e
-        if ids.shape != (self.seq_len,) or mask.shape != (self.seq_len,):
-            raise DataError(f"{tok_path}: input_ids {ids.shape} / attention_mask {mask.shape}, expected "
-                            f"({self.seq_len},) from model.max_seq_len; set model.max_seq_len to the "
-                            "data's length or re-tokenize.")
-        if latent.shape != (self.latent_dim,):
-            raise DataError(f"{lat_path}: latent shape {latent.shape}, expected ({self.latent_dim},) from "
-                            "model.latent_dim.")
-        if ids.size and (ids.max() >= self.vocab_size or ids.min() < 0):
-            raise DataError(f"{tok_path}: token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} "
-                            f"outside the vocabulary [0, {self.vocab_size}) of model.vocab_size; the data "
-                            "was tokenized with another tokenizer.")
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-                "attention_mask": torch.from_numpy(mask.astype(bool)),
-                "latent": torch.from_numpy(latent.astype(np.float32))}
+        token_file = os.fsdecode(self.files[i])
+        ids, mask, latent = read_per_sample(self.token_folder / token_file,
+                                            self.latent_folder / f"{sample_name(token_file)}.npy",
+                                            self.seq_len, self.latent_dim, self.vocab_size)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "latent": torch.from_numpy(latent)}
 
 
 def read_metadata(root: str | Path) -> dict:
@@ -157,8 +349,9 @@ def check_metadata(meta: dict, cfg: Config, root: str | Path) -> None:
              ("model.max_seq_len", m.max_seq_len, "seq_len", "the sequence length"),
              ("model.latent_dim", m.latent_dim, "latent_dim", "the encoder's latent size"),
              ("data.mask_token_id", d.mask_token_id, "mask_token_id", "the tokenizer's mask id"),
-             ("data.pad_token_id", d.pad_token_id, "pad_token_id", "the tokenizer's pad id"),
-             ("data.val_fraction", d.val_fraction, "val_fraction", "the validation fraction")]
+             ("data.pad_token_id", d.pad_token_id, "pad_token_id", "the tokenizer's pad id")]
+    if meta["val_fraction"] is not None:  # None: converted from per-sample split folders
+        pairs.append(("data.val_fraction", d.val_fraction, "val_fraction", "the validation fraction"))
     if d.corpus:  # the recipe says what to prepare from: the data there must come from it
         pairs += [("data.corpus", d.corpus, "corpus", "the corpus"),
                   ("data.tokenizer", d.tokenizer, "tokenizer", "the tokenizer"),
@@ -244,7 +437,11 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
     if d.kind == "synthetic":
         return SyntheticDataset(cfg, split)
     if d.kind == "per_sample":
-        return PerSampleDataset(d.path, split, d.val_fraction, m.max_seq_len, m.latent_dim, m.vocab_size)
+        # A run keeps its listing in its directory; without one (tests, a moved run) it is made in memory.
+        run_dir = Path(cfg.logging.run_dir).expanduser() if cfg.logging.run_dir else None
+        index_dir = run_dir / INDEX_DIR if run_dir is not None and run_dir.is_dir() else None
+        return PerSampleDataset(*per_sample_dirs(d), split, d.val_fraction, m.max_seq_len, m.latent_dim,
+                                m.vocab_size, index_dir=index_dir)
     if d.corpus and not (Path(d.path).expanduser() / METADATA_FILE).is_file():
         from .prepare import ensure_dataset  # the tokenizer and encoder stack, imported only to prepare
         ensure_dataset(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .plan import ObjectivePlan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,23 +84,11 @@ def load_ds_config(cfg: Config) -> dict:
         raise _fail(path, "bf16 needs \"check_grad_overflow\": true, written out: the skip policy relies on "
                           "DeepSpeed refusing a step whose gradient norm is not finite.")
     ds["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps * stages_per_batch(cfg)
+    # DeepSpeed counts micro-steps: the stage-wise cycle_vae takes more than one per micro-batch.
+    ds["gradient_accumulation_steps"] = (cfg.training.gradient_accumulation_steps
+                                         * ObjectivePlan.from_config(cfg).micro_steps_per_batch)
     return ds
-
-
-def stages_per_batch(cfg: Config) -> int:
-    """DeepSpeed micro-steps (forward + backward each) per micro-batch: 2 for cycle_vae with
-    loss.cycle_stagewise (stage 1 is backpropagated before stage 2 runs), else 1."""
-    return 2 if cfg.loss.loss_type == "cycle_vae" and cfg.loss.cycle_stagewise else 1
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def offloads_optimizer(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
-
-
-def bf16_enabled(ds: dict) -> bool:
-    return bool(ds.get("bf16", {}).get("enabled", False))

@@ -42,9 +42,12 @@ from torch import Tensor, nn
 
 from .config import Config
 from .diffusion import LatentDiffusion
-from .export import ExportError, LatentSpace, load
+from .loading import LatentSpace, LoadError, load
 from .model import LGDLM, build_model
-from .sample import SampleError, decode_text, ddim_latent, default_decode_steps, latent_schedule
+from .objectives import Pass, l2t_pass
+from .plan import ObjectivePlan
+from .sample import SampleError, decode_text, ddim_latent
+from .seeding import derive_seed, seed_everything
 
 # Sums reduced over batches and ranks; every metric is a ratio of two of them.
 _SUMS = ("tokens", "samples", "l2t_correct", "l2t_ce", "decode_correct", "cosine", "retrieved", "chance", "mse",
@@ -63,12 +66,12 @@ def _unwrap(model: nn.Module) -> LGDLM:
     return model
 
 
-def _l2t(model: LGDLM, ids: Tensor, real: Tensor, latents: Tensor, latent_t: Tensor, mask_token_id: int):
-    """The L2T pass: (correct tokens, summed CE) over the real positions."""
-    tokens = torch.where(real, mask_token_id, ids)
-    hidden, _ = model.trunk(tokens, latents, torch.ones_like(latent_t), latent_t, real)
-    _, ce, argmax, _ = model.text_head(hidden[real], ids[real])
-    return (argmax == ids[real]).sum(), ce.float().sum()
+def _l2t(model: LGDLM, p: Pass) -> tuple[Tensor, Tensor]:
+    """(correct tokens, summed CE) of an L2T pass over its supervised positions."""
+    hidden, _ = model.trunk(p.tokens, p.latents, p.text_t, p.latent_t, p.attention_mask)
+    targets = p.text_targets[p.text_loss_mask]
+    _, ce, argmax, _ = model.text_head(hidden[p.text_loss_mask], targets)
+    return (argmax == targets).sum(), ce.float().sum()
 
 
 @torch.no_grad()
@@ -83,18 +86,18 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
     ``model``: an LGDLM, a TrainStep, or the DeepSpeed engine around one. ``latent_space``: the map
     to the encoder's space for the cosines (default: read from ``cfg``). ``seed``: the noise of the
     T2L sampler and of the no-latent pass (per rank). ``t2l_steps``: DDIM steps (default: see
-    lgdlm_ds.sample.latent_schedule). ``decode_steps``: unmasking steps of the decoding metric
+    lgdlm_ds.plan.ObjectivePlan.t2l_steps). ``decode_steps``: unmasking steps of the decoding metric
     (0: not computed). Returns floats; the model's train/eval mode is restored."""
     lgdlm = _unwrap(model)
     space = latent_space if latent_space is not None else LatentSpace.from_config(cfg)
     diffusion = LatentDiffusion.from_config(cfg.diffusion)
-    t_start, default_steps = latent_schedule(cfg)
-    t2l_steps = t2l_steps or default_steps
+    plan = ObjectivePlan.from_config(cfg)
+    t_start, t2l_steps = plan.t2l_start, t2l_steps or plan.t2l_steps
     mask_id, pad_id = cfg.data.mask_token_id, cfg.data.pad_token_id
     device = next(lgdlm.parameters()).device
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "evaluate", rank))
     sums = dict.fromkeys(_SUMS, torch.zeros((), dtype=torch.float64, device=device))
 
     def add(name: str, value) -> None:
@@ -108,11 +111,10 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
             real = batch["attention_mask"].to(device).bool()
             x0 = batch["latent"].to(device).float()
             B = ids.shape[0]
-            zeros, ones = torch.zeros(B, device=device), torch.ones(B, device=device)
             add("tokens", real.sum())
             add("samples", B)
 
-            correct, ce = _l2t(lgdlm, ids, real, x0, zeros, mask_id)
+            correct, ce = _l2t(lgdlm, l2t_pass(ids, real, x0, mask_id))
             add("l2t_correct", correct)
             add("l2t_ce", ce)
 
@@ -124,12 +126,12 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
             add("chance", 1.0)  # B samples x 1/B
             add("mse", (x0_hat - x0).pow(2).mean(1).sum())
 
-            correct, ce = _l2t(lgdlm, ids, real, x0_hat, zeros, mask_id)
+            correct, ce = _l2t(lgdlm, l2t_pass(ids, real, x0_hat, mask_id))
             add("cycle_correct", correct)
             add("cycle_ce", ce)
 
             noise = torch.randn(x0.shape, generator=g, device=device)
-            correct, ce = _l2t(lgdlm, ids, real, noise, ones, mask_id)
+            correct, ce = _l2t(lgdlm, l2t_pass(ids, real, noise, mask_id, latent_t=torch.ones(B, device=device)))
             add("nolat_correct", correct)
             add("nolat_ce", ce)
 
@@ -200,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = loaded.cfg
         model, step, source = loaded.model, loaded.step, loaded.source
         if args.untrained:
-            torch.manual_seed(cfg.training.seed)  # as the engine does before building the model
+            seed_everything(cfg.training.seed)  # as the trainer does before building the model
             model, step, source = build_model(cfg.model).to(args.device), 0, "untrained"
         batches = load_batches(cfg, args.split, args.batch_size or cfg.training.micro_batch_size, args.batches)
-        decode_steps = default_decode_steps(cfg) if args.decode_steps is None else args.decode_steps
+        decode_steps = ObjectivePlan.from_config(cfg).decode_steps if args.decode_steps is None else args.decode_steps
         metrics = evaluate(model, cfg, batches, latent_space=loaded.latent_space, seed=args.seed,
                            t2l_steps=args.t2l_steps, decode_steps=decode_steps)
-    except (ExportError, SampleError, ValueError) as e:
+    except (LoadError, SampleError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({**metrics, "step": step, "checkpoint": source, "split": args.split, "seed": args.seed}))

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .ds_config import load_ds_config
 from .memtrack import LiveBytes
 from .model import build_model, parameter_counts
+from .plan import ObjectivePlan
 from .text_head import CHUNK_ELEMENTS
 
 GIB = 2**30
@@ -76,9 +77,8 @@ def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0, dtype:
     """Peak non-model memory (activations, head buffers, temporaries) of one micro-step.
     ``fill`` is the share of real (non-padding) tokens; 1.0 is the worst case. ``dtype``: the
     precision the model computes in (bf16 under the bf16 DeepSpeed JSONs)."""
-    cycle = cfg.loss.loss_type == "cycle_vae"
-    rows = 2 * micro_batch if cycle else micro_batch
-    alive, trunk_peak = _trunk_profile(dataclasses.astuple(cfg.model), rows, dtype)
+    plan = ObjectivePlan.from_config(cfg)
+    alive, trunk_peak = _trunk_profile(dataclasses.astuple(cfg.model), plan.rows_per_call(micro_batch), dtype)
     h, seq, vocab = cfg.model.hidden_size, cfg.model.max_seq_len, cfg.model.vocab_size
     positions = int(micro_batch * seq * fill)  # text positions supervised per model call, at most
     # The chunked CE computes its gradients in forward and keeps them for backward: one row per
@@ -87,7 +87,7 @@ def predict_other_bytes(cfg: Config, micro_batch: int, fill: float = 1.0, dtype:
     weight_grad = vocab * h * 4
     stage = alive + positions * h * dtype.itemsize + weight_grad
     head = min(max(1, CHUNK_ELEMENTS // vocab), positions) * vocab * 4 + weight_grad
-    if not cycle or cfg.loss.cycle_stagewise:  # one model call's graph at a time
+    if plan.stages_per_micro_step == 1:  # one model call's graph at a time
         return int(max(stage + head, trunk_peak))
     # Both stages in one graph: stage 2's backward runs while stage 1 is still saved, and every
     # parameter gradient it produces is held by autograd until stage 1's contribution is added.

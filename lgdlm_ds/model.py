@@ -3,8 +3,9 @@
 Parameter names are those of the older checkpoints (text_encoder, latent_encoder, conditioning,
 mmdit, text_head, latent_head), so their weights load unchanged. What differs from the older
 model: heads and head size are really passed to the attention, ``qk_norm`` really reaches it,
-attention runs through scaled-dot-product attention, latent_pred is [B, D], callers choose which
-heads run on which rows, and each MMDiT block can be checkpointed.
+attention runs through scaled-dot-product attention, latent_pred is [B, D], the trunk and each head
+can be called on their own (so a head runs only on the rows that need it), and each MMDiT block
+can be checkpointed.
 
 ``python -m lgdlm_ds.model RECIPE.yaml [key=value ...]`` prints the parameter count (meta device).
 """
@@ -15,6 +16,7 @@ import json
 import math
 import random
 import sys
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,19 @@ def _scalar_params_to_1d(module: nn.Module) -> list[str]:
     return names
 
 
+def scalars_to_1d(state: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+    """``state`` with the hyper-connection scalars ``names`` in this model's shape (1,); the older
+    model's files hold them with shape ()."""
+    names = set(names)
+    return {k: v.reshape(1) if k in names and v.dim() == 0 else v for k, v in state.items()}
+
+
+def scalars_to_0d(state: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+    """``state`` with the hyper-connection scalars ``names`` in the older model's shape ()."""
+    names = set(names)
+    return {k: v.reshape(()) if k in names else v for k, v in state.items()}
+
+
 def _enable_qk_norm(mmdit: MMDiT, heads: int, dim_head: int) -> None:
     """The generalized MMDiT block accepts qk_rmsnorm but never hands it to its JointAttention;
     give each attention the per-head RMSNorms it would have built with the flag."""
@@ -126,11 +141,7 @@ class LGDLM(nn.Module):
         self._register_load_state_dict_pre_hook(self._accept_scalar_params)
 
     def _accept_scalar_params(self, state_dict, prefix, *args, **kwargs):
-        """Older checkpoints store the hyper-connection scalars with shape (); ours are (1,)."""
-        for name in self.scalar_param_names:
-            key = prefix + name
-            if key in state_dict and state_dict[key].dim() == 0:
-                state_dict[key] = state_dict[key].reshape(1)
+        state_dict.update(scalars_to_1d(state_dict, [prefix + n for n in self.scalar_param_names]))
 
     def trunk(self, text_tokens: Tensor, latents: Tensor, text_timesteps: Tensor | None = None,
               latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -163,22 +174,10 @@ class LGDLM(nn.Module):
         return text, latent[:, 0]
 
     def forward(self, text_tokens: Tensor, latents: Tensor, text_timesteps: Tensor | None = None,
-                latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                text_rows: Tensor | bool = True, latent_rows: Tensor | bool = True):
-        """Returns (text_logits, latent_pred).
-
-        ``text_rows`` / ``latent_rows`` choose which heads run on which rows: True (all rows,
-        the default), False (head skipped, None returned), or a bool [B] row mask (outputs for
-        the selected rows only, in batch order). text_logits is [rows, S, V], latent_pred [rows, D].
-        """
+                latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (text_logits [B, S, V], latent_pred [B, D])."""
         text_h, latent_h = self.trunk(text_tokens, latents, text_timesteps, latent_timesteps, attention_mask)
-        return _select(text_h, text_rows, self.text_head), _select(latent_h, latent_rows, self.latent_head)
-
-
-def _select(hidden: Tensor, rows: Tensor | bool, head: nn.Module) -> Tensor | None:
-    if rows is False:
-        return None
-    return head(hidden if rows is True else hidden[rows])
+        return self.text_head(text_h), self.latent_head(latent_h)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LGDLM:
@@ -193,23 +192,31 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> L
         random.setstate(state)
 
 
-# The older trainer's state dict: the model under "model." plus its text noise schedule buffers,
-# which hold nothing the model needs (the schedule is a fixed function here).
-UPSTREAM_PREFIX = "model."
+# The training wrappers hold the model as ``.model``, the older trainer and TrainStep (the module
+# DeepSpeed wraps) alike, so their state dicts name its weights "model.<name>". The older trainer's
+# also holds its text noise schedule buffers, which hold nothing the model needs (the schedule is a
+# fixed function here).
+TRAINER_PREFIX = "model."
 UPSTREAM_EXTRA_PREFIX = "text_noise_schedule."
+
+
+def unwrap_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """(the model's weights under its own names, the keys that are neither those nor the schedule
+    buffers) from a training wrapper's state dict."""
+    own = {k[len(TRAINER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(TRAINER_PREFIX)}
+    unknown = [k for k in state_dict if not k.startswith((TRAINER_PREFIX, UPSTREAM_EXTRA_PREFIX))]
+    return own, unknown
 
 
 def upstream_state_dict(model: LGDLM) -> dict[str, Tensor]:
     """The model's weights in the older trainer's layout ("model." prefix, 0-dim scalars)."""
-    scalars = set(model.scalar_param_names)
-    return {UPSTREAM_PREFIX + k: (v.reshape(()) if k in scalars else v) for k, v in model.state_dict().items()}
+    return {TRAINER_PREFIX + k: v for k, v in scalars_to_0d(model.state_dict(), model.scalar_param_names).items()}
 
 
 def load_upstream_state_dict(model: LGDLM, state_dict: dict[str, Tensor]) -> None:
     """Load weights saved in the older trainer's layout. Every model key must be present and no
     unknown key may remain (the schedule buffers are dropped); a mismatch is an error."""
-    own = {k[len(UPSTREAM_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UPSTREAM_PREFIX)}
-    unknown = [k for k in state_dict if not k.startswith((UPSTREAM_PREFIX, UPSTREAM_EXTRA_PREFIX))]
+    own, unknown = unwrap_state_dict(state_dict)
     result = model.load_state_dict(own, strict=False)
     problems = [f"missing: {', '.join(result.missing_keys)}"] if result.missing_keys else []
     if result.unexpected_keys or unknown:

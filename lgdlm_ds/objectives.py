@@ -18,49 +18,15 @@ skip policy decides.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BASE_MODES, Config, LossConfig
+from .config import BASE_MODES, Config
 from .diffusion import LatentDiffusion, mask_probability, mask_tokens
-
-
-def ramp_weight(step: int, base: float, warmup: int, ramp: int) -> float:
-    """0 before ``warmup``, then linear up to ``base`` over ``ramp`` steps (ramp 0: base at once)."""
-    if step < warmup:
-        return 0.0
-    if ramp == 0:
-        return base
-    return base * min(1.0, (step - warmup) / ramp)
-
-
-def mode_for_step(cfg: Config, step: int) -> str:
-    """The mode trained at ``step``. random draws from a generator seeded by (seed, step), so
-    every rank picks the same mode; sequential cycles the schedule, in training and evaluation."""
-    loss_type = cfg.loss.loss_type
-    if loss_type == "random":
-        modes = [m for m in BASE_MODES if cfg.training.mode_weights.get(m, 0) > 0]
-        weights = [cfg.training.mode_weights[m] for m in modes]
-        return random.Random(f"{cfg.training.seed}:{step}").choices(modes, weights)[0]
-    if loss_type == "sequential":
-        schedule = cfg.training.mode_schedule
-        pos = step % sum(s["steps"] for s in schedule)
-        for s in schedule:
-            if pos < s["steps"]:
-                return s["type"]
-            pos -= s["steps"]
-    return loss_type
-
-
-def latent_time(lo: LossConfig, b: int, device) -> Tensor:
-    """Latent time of a T2L pass: 1 (latent_t_mode full) or uniform in [t_min, t_max]."""
-    if lo.latent_t_mode == "full":
-        return torch.ones(b, device=device)
-    return lo.cycle_latent_t_min + (lo.cycle_latent_t_max - lo.cycle_latent_t_min) * torch.rand(b, device=device)
+from .plan import ObjectivePlan
 
 
 def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
@@ -97,6 +63,16 @@ class PassResult:
     text_accuracy: Tensor | None = None
     sampled_tokens: Tensor | None = None  # [b, S]: input tokens with loss positions re-drawn
     latent_pred: Tensor | None = None     # [b, D]
+
+
+def l2t_pass(ids: Tensor, real: Tensor, latents: Tensor, mask_token_id: int, latent_t: Tensor | None = None) -> Pass:
+    """All real tokens [MASK] at text t=1, the latent at ``latent_t`` (default 0: clean); CE over
+    every real token. Training and evaluation both build their L2T passes here."""
+    b = ids.shape[0]
+    tokens = torch.where(real, torch.full_like(ids, mask_token_id), ids)
+    latent_t = torch.zeros(b, device=ids.device) if latent_t is None else latent_t
+    return Pass(tokens, torch.ones(b, device=ids.device), latents, latent_t, real,
+                text_targets=ids, text_loss_mask=real, text_denominator=real.sum())
 
 
 def run_stage(model: nn.Module, passes: list[Pass], categorical: bool = False) -> list[PassResult]:
@@ -146,6 +122,7 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.plan = ObjectivePlan.from_config(cfg)
         self.diffusion = LatentDiffusion.from_config(cfg.diffusion)
         self._run = run_stage if fuse else run_stage_unfused
         self._carry: dict | None = None  # stage 1 -> stage 2 hand-over in the stage-wise mode
@@ -153,11 +130,8 @@ class TrainStep(nn.Module):
     # ---- pass builders
 
     def l2t_pass(self, ids: Tensor, real: Tensor, latents: Tensor) -> Pass:
-        """All real tokens [MASK] at text t=1, clean latent at t=0; CE over every real token."""
-        b = ids.shape[0]
-        tokens = torch.where(real, torch.full_like(ids, self.cfg.data.mask_token_id), ids)
-        return Pass(tokens, torch.ones(b, device=ids.device), latents, torch.zeros(b, device=ids.device), real,
-                    text_targets=ids, text_loss_mask=real, text_denominator=real.sum())
+        """The L2T pass from a clean latent (see ``l2t_pass``)."""
+        return l2t_pass(ids, real, latents, self.cfg.data.mask_token_id)
 
     def t2l_pass(self, tokens: Tensor, real: Tensor, x0: Tensor, t: Tensor, eps: Tensor) -> Pass:
         """Clean text at t=0, latent noised at t; the head predicts the diffusion target."""
@@ -203,7 +177,7 @@ class TrainStep(nn.Module):
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
         ids, real = trim_padding(ids, real)
         _same_shape(x0, x0.new_empty(ids.shape[0], self.cfg.model.latent_dim), "batch['latent']")
-        mode = mode_for_step(self.cfg, step)
+        mode = self.plan.mode_at(step)
         if mode == "cycle_vae":
             loss, metrics = self.cycle_vae(ids, real, x0, step, stage)
         else:
@@ -219,7 +193,7 @@ class TrainStep(nn.Module):
             (r,) = self._run(self.model, [self.l2t_pass(ids, real, x0)])
             return r.text_loss, {"text_loss": r.text_loss, "text_accuracy": r.text_accuracy}
         if mode == "t2l":
-            t = latent_time(self.cfg.loss, ids.shape[0], ids.device)
+            t = self.plan.latent_time.sample(ids.shape[0], ids.device)
             p = self.t2l_pass(ids, real, x0, t, torch.randn_like(x0))
             (r,) = self._run(self.model, [p])
             lat = self.latent_loss(r.latent_pred, p.latent_target, "t2l latent")
@@ -235,7 +209,7 @@ class TrainStep(nn.Module):
             loss1, metrics, carry = self.cycle_stage1(ids, real, x0, step)
             loss2, metrics2 = self.cycle_stage2(ids, real, x0, carry)
             return loss1 + loss2, {**metrics, **metrics2}
-        if not self.cfg.loss.cycle_stagewise:
+        if not self.plan.stagewise:
             raise RuntimeError("TrainStep(stage=...) is the stage-wise mode: set loss.cycle_stagewise: true.")
         if stage == 1:
             loss1, metrics, self._carry = self.cycle_stage1(ids, real, x0, step)
@@ -249,16 +223,15 @@ class TrainStep(nn.Module):
     def cycle_stage1(self, ids: Tensor, real: Tensor, x0: Tensor, step: int):
         """Base L2T + base T2L in one model call; returns the loss, metrics and what stage 2
         needs (the x0 estimate, the pseudo tokens, stage 2's noise, the ramp weights)."""
-        lo = self.cfg.loss
-        w_text = ramp_weight(step, lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps)
-        w_lat = ramp_weight(step, lo.cycle_latent_weight, lo.cycle_latent_warmup_steps, lo.cycle_latent_ramp_steps)
+        lo, plan = self.cfg.loss, self.plan
+        w_text, w_lat = plan.cycle_text.at(step), plan.cycle_latent.at(step)
         b = ids.shape[0]
         # Draw all noise before any model call: fused, unfused and stage-wise runs see the same numbers.
-        t_base, eps_base = latent_time(self.cfg.loss, b, ids.device), torch.randn_like(x0)
-        t_cyc, eps_cyc = latent_time(self.cfg.loss, b, ids.device), torch.randn_like(x0)
+        t_base, eps_base = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
+        t_cyc, eps_cyc = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
         # In the stage-wise mode stage 2 always runs (weight 0 during warmup): its micro-step
         # must have a graph for the engine's backward.
-        run_text, run_lat = lo.cycle_stagewise or w_text > 0, lo.cycle_stagewise or w_lat > 0
+        run_text, run_lat = plan.stagewise or w_text > 0, plan.stagewise or w_lat > 0
 
         base_l2t, base_t2l = self.l2t_pass(ids, real, x0), self.t2l_pass(ids, real, x0, t_base, eps_base)
         r_l2t, r_t2l = self._run(self.model, [base_l2t, base_t2l],

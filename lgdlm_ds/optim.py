@@ -1,13 +1,8 @@
-"""AdamW with decay only on weight matrices, the warmup + cosine schedule, and the step gate.
-
-The gate is how a step is skipped under every ZeRO stage alike: DeepSpeed still runs its whole
-step (reductions, clipping, zeroing the gradients), but the inner optimizer's ``step`` does nothing,
-so parameters and optimizer state stay as they were, and the schedule does not advance.
-"""
+"""AdamW with decay only on weight matrices, and the warmup + cosine schedule (which holds still on
+the steps the skip policy drops, skip_policy.py)."""
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 from torch import nn
@@ -51,24 +46,6 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, tr: TrainingConfig) 
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(tr.betas), tr.eps
         group["weight_decay"] = tr.weight_decay if group.get("name") == DECAY else 0.0
-
-
-class StepGate:
-    """Open: optimizer steps apply. Closed (for one step the skip policy rejected): they do nothing."""
-
-    def __init__(self) -> None:
-        self.open = True
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Patch the instance, not the class: under ZeRO, DeepSpeed accepts only the exact optimizer
-        classes it knows. A bound method, because torch's LR scheduler re-wraps ``step`` through
-        ``step.__func__``."""
-        inner = optimizer.step
-
-        def step(_self, *args, **kwargs):
-            return inner(*args, **kwargs) if self.open else None
-
-        optimizer.step = types.MethodType(step, optimizer)
 
 
 def lr_factor(k: int, warmup: int, total: int, floor: float) -> float:

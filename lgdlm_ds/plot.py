@@ -28,7 +28,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOG_NAME = "training_log.jsonl"
+from .metrics import LOG_NAME  # noqa: E402
+
 OPTIMIZATION = ("lr", "grad_norm", "skipped_steps")
 THROUGHPUT = ("samples_per_sec", "tokens_per_sec")
 CYCLE_WEIGHTS = ("cycle_text_weight", "cycle_latent_weight")

@@ -40,13 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BASE_MODES, Config
+from .config import Config
 from .diffusion import LatentDiffusion
-from .export import ExportError, Loaded, load
-
-
-ITERATIVE_DECODE_STEPS = 16
-DDIM_STEPS = 10
+from .loading import LoadError, Loaded, load
+from .plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, ObjectivePlan
 
 
 class SampleError(ValueError):
@@ -94,37 +91,6 @@ def decode_text(model: nn.Module, latents: Tensor, lengths: Tensor, seq_len: int
         tokens = torch.where(chosen, proposal, tokens)
         masked &= ~chosen
     return tokens
-
-
-def trained_modes(cfg: Config) -> set[str]:
-    """The base modes (l2t, t2l, unconditional) the run's objective trains; cycle_vae's passes are
-    L2T and T2L passes."""
-    lo, tr = cfg.loss, cfg.training
-    if lo.loss_type == "random":
-        return {m for m in BASE_MODES if tr.mode_weights.get(m, 0) > 0}
-    if lo.loss_type == "sequential":
-        return {s["type"] for s in tr.mode_schedule}
-    if lo.loss_type == "cycle_vae":
-        return {"l2t", "t2l"}
-    return {lo.loss_type}
-
-
-def default_decode_steps(cfg: Config) -> int:
-    """Unmasking steps for L2T decoding. Only unconditional passes show the model partly masked
-    text at 0 < t < 1; a run without them (l2t, cycle_vae, ...) saw text only all-[MASK] at t = 1
-    or clean, so its decoding predicts every token from the all-[MASK] input in one step."""
-    return ITERATIVE_DECODE_STEPS if "unconditional" in trained_modes(cfg) else 1
-
-
-def latent_schedule(cfg: Config) -> tuple[float, int]:
-    """(start time, default DDIM steps) from what the run trained: T2L passes use t = 1
-    (latent_t_mode full) or t in [cycle_latent_t_min, cycle_latent_t_max]; unconditional passes
-    use t in [0, 1]."""
-    if "unconditional" in trained_modes(cfg):
-        return 1.0, DDIM_STEPS
-    if cfg.loss.latent_t_mode == "full":
-        return 1.0, 1
-    return cfg.loss.cycle_latent_t_max, DDIM_STEPS
 
 
 @torch.no_grad()
@@ -217,7 +183,7 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
         lengths = torch.full((source.shape[0],), length)
     if not (lengths >= 1).all() or not (lengths <= S).all():
         raise SampleError(f"length must be in [1, {S}] (model.max_seq_len), got {lengths.tolist()}.")
-    steps = steps or min(default_decode_steps(cfg), int(lengths.max()))
+    steps = steps or min(ObjectivePlan.from_config(cfg).decode_steps, int(lengths.max()))
     ids = decode_text(model, loaded.latent_space.to_model(source).to(device), lengths, S, cfg.data.mask_token_id,
                       cfg.data.pad_token_id, steps).cpu()
     texts = [tok.decode(ids[i, :n], skip_special_tokens=True) for i, n in enumerate(lengths.tolist())]
@@ -236,8 +202,8 @@ def sample_t2l(loaded: Loaded, sentences: list[str], *, steps: int | None = None
     tok = _tokenizer(cfg)
     ids, lengths = _tokenize(tok, sentences, cfg.model.max_seq_len)
     mask = torch.arange(cfg.model.max_seq_len)[None] < lengths[:, None]
-    t_start, default_steps = latent_schedule(cfg)
-    steps = steps or default_steps
+    plan = ObjectivePlan.from_config(cfg)
+    t_start, steps = plan.t2l_start, steps or plan.t2l_steps
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = ddim_latent(model, LatentDiffusion.from_config(cfg.diffusion), ids.to(device), mask.to(device),
                      cfg.model.latent_dim, t_start, steps, g)
@@ -300,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows, z = sample_t2l(loaded, sentences, steps=args.steps, seed=args.seed, device=args.device)
             text = [f"{r['sentence']}\tcosine_to_encoder={r['cosine_to_encoder']}" for r in rows]
-    except (SampleError, ExportError) as e:
+    except (SampleError, LoadError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
     if args.out:

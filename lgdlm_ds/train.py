@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .slurm_env import export_ranks
 
 USAGE = "usage: python -m lgdlm_ds.train RECIPE.yaml [section.key=value ...]"
 
@@ -38,13 +39,14 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args[0], args[1:])
         if not cfg.logging.run_dir:
             cfg.logging.run_dir = str(Path("runs") / Path(args[0]).resolve().parent.name)
-        from .engine import preflight
+        from .trainer import preflight
         ds_config = preflight(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    export_ranks()  # srun with one task per GPU: RANK etc. from SLURM_*
     _world_of_one()
-    from .engine import Trainer, TrainingError
+    from .trainer import Trainer, TrainingError
     try:
         Trainer(cfg, ds_config).train()
     except (TrainingError, CheckpointError) as e:

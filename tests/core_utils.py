@@ -1,6 +1,8 @@
-"""Small shared builders for the core tests: a tiny real MMDiT and a batch of synthetic data."""
+"""Small shared builders for the core tests: a tiny real MMDiT, a batch of synthetic data, and a
+step's fp64 reference."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -10,6 +12,8 @@ from lgdlm_ds.config import load_config
 from lgdlm_ds.data import build_dataset
 from lgdlm_ds.model import build_model
 from lgdlm_ds.objectives import TrainStep
+from lgdlm_ds.tools.compare import param_grads
+from precision import fp64_throughout
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "00_smoke" / "recipe.yaml"
 TINY = ["model.vocab_size=300", "model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=2",
@@ -47,5 +51,11 @@ def loss_and_grads(step: TrainStep, batch, at_step: int, seed: int = 1):
     torch.manual_seed(seed)
     loss, metrics = step(batch, at_step)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
-    return loss.detach(), metrics, grads
+    return loss.detach(), metrics, param_grads(step)
+
+
+def fp64_reference(step: TrainStep, batch, at_step: int, seed: int = 1):
+    """``loss_and_grads`` of ``step`` in fp64: the same weights widened, the same noise."""
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    with fp64_throughout():
+        return loss_and_grads(copy.deepcopy(step).double(), batch, at_step, seed)

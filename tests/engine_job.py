@@ -29,7 +29,8 @@ import torch
 from lgdlm_ds.checkpoint import CheckpointError
 from lgdlm_ds.config import load_config
 from lgdlm_ds.ds_config import load_ds_config
-from lgdlm_ds.engine import Trainer, TrainingError
+from lgdlm_ds.metrics import LOG_NAME
+from lgdlm_ds.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -66,7 +67,7 @@ def make(out: Path, name: str, ds: str, *extra: str, world: int, poison=None) ->
 
 
 def log_lines(trainer: Trainer) -> list[dict]:
-    return [json.loads(line) for line in (trainer.run_dir / "training_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (trainer.run_dir / LOG_NAME).read_text().splitlines()]
 
 
 def local_state(trainer: Trainer) -> list[torch.Tensor]:
@@ -135,11 +136,11 @@ def resume(out: Path, world: int) -> dict:
         first = make(out, f"resumed_zero{stage}", ds, *extra, world=world)
         first.train(until_step=STEPS // 2)
         second = make(out, f"resumed_zero{stage}", ds, *extra, world=world)
-        resumed_at = second.step
+        resumed_at = second.progress.step
         second.train()
         result[f"zero{stage}"] = {"straight": log_lines(straight), "resumed": log_lines(second),
                                   "resumed_at": resumed_at,
-                                  "checkpoints": sorted(p.name for p in second.ckpt_dir.iterdir())}
+                                  "checkpoints": sorted(p.name for p in second.checkpointer.ckpt_dir.iterdir())}
     return result
 
 
@@ -192,8 +193,8 @@ def nan_streak(out: Path, world: int) -> dict:
     try:
         t.train()
     except TrainingError as e:
-        return {"error": str(e), "step": t.step, "lines": log_lines(t)}
-    return {"error": None, "step": t.step}
+        return {"error": str(e), "step": t.progress.step, "lines": log_lines(t)}
+    return {"error": None, "step": t.progress.step}
 
 
 def bf16(out: Path, world: int) -> dict:
@@ -219,7 +220,7 @@ def universal(out: Path, world: int) -> dict:
     (out / "zero2_universal.json").write_text(json.dumps(ds))
     t = make(out, "universal_resume", str(out / "zero2_universal.json"), f"training.resume={dst}",
              "training.eval_every=3", "training.eval_batches=1", world=world)
-    resumed_at = t.step
+    resumed_at = t.progress.step
     t.train()
     return {"resumed_at": resumed_at, "lines": log_lines(t)}
 

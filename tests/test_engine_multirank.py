@@ -56,7 +56,7 @@ def test_zero_stages_and_rank_counts_give_the_same_losses(job):
     """Same seed, global batch 4 and fp32: ZeRO-0/2/3 x (2 ranks x 1 micro-step, 1 rank x 2).
 
     Tolerance 1e-6 relative. Every rank and micro-step computes the same micro-batch with the same
-    noise in every setting (batching.py, engine.py), so the forward and backward of each slot are
+    noise in every setting (batching.py, trainer.py), so the forward and backward of each slot are
     the same operations on the same numbers. What can differ is reduction order: the mean of two
     slot gradients is exact in any order (a + b commutes; halving is exact in binary floating point),
     but the clipping norm is summed over whole gradients (ZeRO-0) or over partitions (ZeRO-2/3),

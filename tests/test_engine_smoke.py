@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lgdlm_ds.run_log import LINE_KEYS
+from lgdlm_ds.metrics import LINE_KEYS, LOG_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CYCLE_VAE_METRICS = ("base_l2t_text_loss", "base_t2l_latent_loss", "cycle_text_loss", "cycle_latent_loss",
@@ -34,7 +34,7 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
               "training.eval_batches=1")
     _smoke("training.num_train_steps=6", *common)
 
-    lines = [json.loads(x) for x in (run / "training_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 3, 4, 6]  # every 2 steps, and at the evaluations
     for line in lines:
         assert set(LINE_KEYS + CYCLE_VAE_METRICS) <= set(line), sorted(set(LINE_KEYS + CYCLE_VAE_METRICS) - set(line))
@@ -56,7 +56,7 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
 
     # Same run directory: resumes at step 6; this time with W&B too (offline: no network here).
     _smoke("training.num_train_steps=8", "logging.wandb=true", *common, WANDB_MODE="offline")
-    again = [json.loads(x) for x in (run / "training_log.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()]
     assert again[:4] == lines and [line["step"] for line in again[4:]] == [8]
     assert (ckpt / "latest").read_text() == "global_step8"
     assert (run / "env.txt").read_text().count("== start") == 2

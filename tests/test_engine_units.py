@@ -1,5 +1,6 @@
-"""Engine pieces that need no DeepSpeed engine: config keys, the JSON checks, the schedule, the
-decay groups, the data order, checkpoint pointers, and the command line's refusals."""
+"""Trainer pieces that need no DeepSpeed engine: config keys, the JSON checks, the schedule, the
+decay groups, the data order, seeds, the skip policy, the log lines, checkpoint pointers, and the
+command line's refusals."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,11 @@ from lgdlm_ds import checkpoint, train
 from lgdlm_ds.batching import DataPosition, StepBatches, eval_batches
 from lgdlm_ds.config import ConfigError, load_config
 from lgdlm_ds.ds_config import load_ds_config
+from lgdlm_ds.metrics import LINE_KEYS, LOG_NAME, MetricsLogger, wandb_mode
 from lgdlm_ds.model import build_model
-from lgdlm_ds.optim import DECAY, NO_DECAY, StepGate, WarmupCosine, lr_factor, param_groups
-from lgdlm_ds.run_log import wandb_mode
+from lgdlm_ds.optim import DECAY, NO_DECAY, WarmupCosine, lr_factor, param_groups
+from lgdlm_ds.seeding import derive_seed
+from lgdlm_ds.skip_policy import SkipPolicy, StepGate
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes/00_smoke/recipe.yaml"
@@ -198,6 +201,117 @@ def test_eval_batches_split_the_validation_set_over_ranks():
     assert eval_batches(10, 2, 1, 2, 8) == [[2, 3], [6, 7]]
     with pytest.raises(ValueError, match="validation split has 3 samples"):
         eval_batches(3, 2, 0, 2, 1)
+
+
+def test_derived_seeds_are_stable_distinct_and_fit_a_generator():
+    assert derive_seed(7, "train", 3, 1) == derive_seed(7, "train", 3, 1)
+    seeds = {derive_seed(s, use, i) for s in (0, 1) for use in ("epoch", "eval") for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
+    torch.Generator().manual_seed(max(seeds))
+
+
+# ---- skip policy and log lines, with one rank's collectives
+
+
+class _OneRank:
+    """deepspeed.comm as a world of one sees it."""
+    class ReduceOp:
+        MAX = "max"
+
+    @staticmethod
+    def all_reduce(tensor, op=None):
+        pass
+
+    @staticmethod
+    def get_rank():
+        return 0
+
+    @staticmethod
+    def get_world_size():
+        return 1
+
+
+class _Engine:
+    """What the skip policy asks of a DeepSpeed engine. ``wrapped``: DeepSpeed put its own
+    optimizer around ours (ZeRO, bf16) and checks the norm itself; ``refuses``: it found it non-finite."""
+
+    def __init__(self, optimizer, module, wrapped=False, refuses=False):
+        self.optimizer = object() if wrapped else optimizer
+        self.inner, self.module, self.refuses = optimizer, module, refuses
+
+    def step(self, lr_kwargs):
+        if not self.refuses:
+            self.inner.step()
+        self.schedule_skip = lr_kwargs["skip"]
+
+    def was_step_applied(self):
+        return not self.refuses
+
+    def get_global_grad_norm(self):
+        return float("nan") if self.refuses else 2.0
+
+
+def _policy(grad, max_consecutive=1, **engine):
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    policy = SkipPolicy(opt, max_consecutive, _OneRank)
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, grad)
+    return policy, _Engine(opt, layer, **engine), layer
+
+
+@pytest.mark.parametrize("grad, bad_loss, engine, reason", [
+    (1.0, False, {}, None),
+    (1.0, True, {}, "loss"),
+    (float("nan"), False, {}, "grad_norm"),  # plain fp32 ZeRO-0: the policy's own norm
+    (1.0, False, {"wrapped": True, "refuses": True}, "grad_norm"),  # DeepSpeed's norm
+])
+def test_skip_policy_decides_and_gates_the_update(grad, bad_loss, engine, reason):
+    policy, eng, layer = _policy(grad, **engine)
+    before = [p.detach().clone() for p in layer.parameters()]
+    assert policy.step(eng, torch.tensor(bad_loss))[0] == reason
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert unchanged == (reason is not None) and policy.gate.open
+    assert eng.schedule_skip == (reason is not None and not eng.refuses)  # DeepSpeed holds it when it refuses
+
+
+def test_skip_streak_stops_the_run_naming_step_and_checkpoint():
+    policy, eng, _ = _policy(1.0, max_consecutive=1)
+    for bad in (True, False, True):  # a good step ends a streak
+        policy.step(eng, torch.tensor(bad))
+    assert policy.streak_error(3, None) is None
+    policy.step(eng, torch.tensor(True))
+    error = policy.streak_error(4, Path("run/checkpoints/global_step2"))
+    assert error.startswith("step 4: 2 consecutive steps skipped (last reason: non-finite loss), more than "
+                            "training.max_consecutive_skips=1; the parameters are those after step 2; "
+                            "the last good checkpoint is run/checkpoints/global_step2")
+    assert "no checkpoint was saved yet" in policy.streak_error(4, None)
+
+
+def test_log_lines_cadence_skip_lines_and_resources(tmp_path):
+    cfg = load_config(SMOKE, ["logging.log_every=2", "logging.progress_bar=false", f"logging.run_dir={tmp_path}"])
+    log = MetricsLogger(cfg, tmp_path, _OneRank, torch.device("cpu"), global_batch=4, start_step=0, end=5)
+
+    def slow_batches():
+        while True:
+            time.sleep(0.02)
+            yield {}
+    batches = log.timed(slow_batches())
+    for step, loss, reason in ((1, 1.0, None), (2, 3.0, None), (3, 5.0, None), (4, math.nan, "loss"), (5, 2.0, None)):
+        start = time.perf_counter()
+        next(batches)
+        log.step(step=step, epoch=0, lr=0.1, metrics={"loss": torch.tensor(loss)}, tokens=torch.tensor(10),
+                 seconds=time.perf_counter() - start + 0.02, grad_norm=None if reason else 1.0,
+                 skipped_steps=int(step >= 4), skip_reason=reason, evaluation={"eval_loss": 0.5} if step == 5 else {})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / LOG_NAME).read_text().splitlines()]
+    # every 2 steps; the skip at 4 after a line for step 3 alone; the last step with its evaluation
+    assert [(x["step"], x["loss"], x.get("skip_reason"), x["skipped_steps"]) for x in lines] == [
+        (2, 2.0, None, 0), (3, 5.0, None, 0), (4, None, "loss", 1), (5, 2.0, None, 1)]
+    assert lines[-1]["eval_loss"] == 0.5 and "eval_loss" not in lines[0]
+    for x in lines:
+        assert set(LINE_KEYS) <= set(x)
+        assert x["peak_memory_gib"] > 0 and 0.2 < x["data_loading_share"] < 1
 
 
 # ---- checkpoint pointer

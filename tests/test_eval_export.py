@@ -12,6 +12,7 @@ averaging over ranks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from lgdlm_ds.batching import eval_batches
 from lgdlm_ds.corpus import LEE_BACKGROUND, corpus_path
 from lgdlm_ds.data import PackedDataset, build_dataset
 from lgdlm_ds.evaluate import evaluate, load_batches
-from lgdlm_ds.export import ExportError, LatentSpace, load, load_exported
+from lgdlm_ds.loading import LatentSpace, LoadError, load, load_exported, read_weights
 from lgdlm_ds.model import build_model, load_upstream_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,7 @@ def _ds_json(tmp: Path, stage: int) -> str:
 
 def _train(tmp: Path, stage: int, overrides: list[str]):
     from lgdlm_ds.ds_config import load_ds_config
-    from lgdlm_ds.engine import Trainer
+    from lgdlm_ds.trainer import Trainer
     cfg = load_config(None, TINY + overrides + [f"training.ds_config={_ds_json(tmp, stage)}",
                                                 f"logging.run_dir={tmp / 'run'}"])
     trainer = Trainer(cfg, load_ds_config(cfg))
@@ -369,26 +371,53 @@ def test_loader_refuses_an_export_with_a_missing_weight(zero3_run, tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["latent_head.3.bias"]
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(ExportError, match=r"1 missing: latent_head\.3\.bias"):
+    with pytest.raises(LoadError, match=r"1 missing: latent_head\.3\.bias"):
         load_exported(tmp_path)
+
+
+def test_weights_read_from_every_kind_of_path(zero3_run, tmp_path, monkeypatch):
+    """One reader for warm starts: a run directory, its checkpoints folder, one checkpoint folder, an
+    exported directory, its safetensors file, a bare state dict and the older trainer's checkpoint.pt
+    (whose pickled training state is of a class that cannot be imported) give the same fp32 weights."""
+    run, cfg = zero3_run.run_dir, zero3_run.cfg
+    expected = load(run).model.state_dict()
+    export_cli.export(run, tmp_path / "export", upstream_layout=True)
+    torch.save(expected, tmp_path / "plain.pt")
+    older = torch.load(tmp_path / "export" / "checkpoint.pt", weights_only=True)
+    older["model_state_dict"]["text_noise_schedule.log_prior"] = torch.zeros(3)
+    with monkeypatch.context() as m:  # a module of the older code, gone when the file is read
+        gone = types.ModuleType("older_trainer")
+        m.setitem(sys.modules, "older_trainer", gone)
+        exec("import dataclasses\n@dataclasses.dataclass\nclass State:\n    step: int = 7", gone.__dict__)
+        torch.save({**older, "state": gone.State(), "config": None}, tmp_path / "older.pt")
+    for path in (run, run / "checkpoints", run / "checkpoints" / "global_step2", tmp_path / "export",
+                 tmp_path / "export" / "model.safetensors", tmp_path / "plain.pt", tmp_path / "older.pt"):
+        weights = read_weights(path, cfg)
+        assert weights.keys() == expected.keys(), path
+        assert all(torch.equal(weights[k], v) and weights[k].dtype == torch.float32 for k, v in expected.items())
+    smaller = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_blocks=1))
+    with pytest.raises(LoadError, match=r"unexpected: mmdit\.blocks\.1"):
+        read_weights(tmp_path / "older.pt", smaller)
+    with pytest.raises(LoadError, match="is none of"):
+        read_weights(tmp_path, cfg)
 
 
 def test_clear_errors_before_any_work(zero3_run, tmp_path):
     run = zero3_run.run_dir
-    with pytest.raises(ExportError, match="does not exist or is not a directory"):
+    with pytest.raises(LoadError, match="does not exist or is not a directory"):
         load(tmp_path / "nowhere")
-    with pytest.raises(ExportError, match="no run directory"):
+    with pytest.raises(LoadError, match="no run directory"):
         load(tmp_path)
-    with pytest.raises(ExportError, match=r"not a complete checkpoint; complete ones: global_step2"):
+    with pytest.raises(LoadError, match=r"not a complete checkpoint; complete ones: global_step2"):
         load(run, tag="global_step7")
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run / "config.yaml", bare / "config.yaml")
-    with pytest.raises(ExportError, match="holds no complete checkpoint"):
+    with pytest.raises(LoadError, match="holds no complete checkpoint"):
         load(bare)
     rc, _, err = _run_cli(evaluate_cli.main, bare)
     assert rc == 2 and "holds no complete checkpoint" in err
-    with pytest.raises(ExportError, match="not written by lgdlm_ds.export"):
+    with pytest.raises(LoadError, match="not written by lgdlm_ds.export"):
         load_exported(run)
 
 
@@ -407,10 +436,10 @@ def test_plot_writes_the_figures(packed_run, tmp_path):
 
 
 def test_plot_keeps_the_last_line_of_a_repeated_step(packed_run, tmp_path):
-    lines = (packed_run.run_dir / "training_log.jsonl").read_text().splitlines()
+    lines = (packed_run.run_dir / plot_cli.LOG_NAME).read_text().splitlines()
     replayed = json.loads(lines[0])
     replayed["loss"] = 123.0  # a resumed run logs the step again; its line is the one that counts
-    (tmp_path / "training_log.jsonl").write_text("\n".join(lines + [json.dumps(replayed)]) + "\n")
+    (tmp_path / plot_cli.LOG_NAME).write_text("\n".join(lines + [json.dumps(replayed)]) + "\n")
     records = plot_cli.read_log(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["loss"] == 123.0

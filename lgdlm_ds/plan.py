@@ -1,0 +1,165 @@
+"""What a run's objective implies, answered in one place from its config.
+
+Which mode trains at a step, which modes the run trains at all, the cycle terms' weights at a step,
+the latent time of a T2L pass, how many model calls and rows a micro-batch costs and in how many
+DeepSpeed micro-steps, and where sampling starts for a model trained this way. Only facts and
+small pure functions of the config and the step; the passes themselves are built and run in
+lgdlm_ds.objectives.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import BASE_MODES, Config
+
+# Default L2T unmasking steps for a run that trained on partly masked text, and default DDIM steps
+# for a run that trained T2L at more than one latent time.
+ITERATIVE_DECODE_STEPS = 16
+DDIM_STEPS = 10
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A term weight: 0 before ``warmup``, then linear up to ``base`` over ``steps`` (0: base at once)."""
+    base: float
+    warmup: int
+    steps: int
+
+    def at(self, step: int) -> float:
+        if step < self.warmup:
+            return 0.0
+        if self.steps == 0:
+            return self.base
+        return self.base * min(1.0, (step - self.warmup) / self.steps)
+
+
+@dataclass(frozen=True)
+class LatentTime:
+    """Latent time of a T2L pass: 1 (mode full) or uniform in [t_min, t_max] (mode random)."""
+    mode: str
+    t_min: float
+    t_max: float
+
+    def sample(self, b: int, device) -> Tensor:
+        if self.mode == "full":
+            return torch.ones(b, device=device)
+        return self.t_min + (self.t_max - self.t_min) * torch.rand(b, device=device)
+
+    @property
+    def largest(self) -> float:
+        """The largest latent time a T2L pass sees."""
+        return 1.0 if self.mode == "full" else self.t_max
+
+
+@dataclass(frozen=True)
+class ObjectivePlan:
+    """What the objective of one run implies; build it with ``from_config``."""
+    loss_type: str
+    seed: int
+    mode_weights: tuple[tuple[str, float], ...]  # random: (mode, weight > 0) in BASE_MODES order
+    mode_schedule: tuple[tuple[str, int], ...]   # sequential: (mode, steps), cycled by step
+    latent_time: LatentTime
+    cycle_text: Ramp
+    cycle_latent: Ramp
+    stagewise: bool                              # cycle_vae's stages backpropagated one at a time
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ObjectivePlan:
+        """The plan of a validated config. Mode weights and schedule are read only for the loss
+        types that use them (validation checks them only there)."""
+        lo, tr = cfg.loss, cfg.training
+        weights, schedule = (), ()
+        if lo.loss_type == "random":
+            weights = tuple((m, tr.mode_weights[m]) for m in BASE_MODES if tr.mode_weights.get(m, 0) > 0)
+        if lo.loss_type == "sequential":
+            schedule = tuple((s["type"], s["steps"]) for s in tr.mode_schedule)
+        return cls(loss_type=lo.loss_type, seed=tr.seed, mode_weights=weights, mode_schedule=schedule,
+                   latent_time=LatentTime(lo.latent_t_mode, lo.cycle_latent_t_min, lo.cycle_latent_t_max),
+                   cycle_text=Ramp(lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps),
+                   cycle_latent=Ramp(lo.cycle_latent_weight, lo.cycle_latent_warmup_steps,
+                                     lo.cycle_latent_ramp_steps),
+                   stagewise=lo.loss_type == "cycle_vae" and lo.cycle_stagewise)
+
+    # ---- modes
+
+    def mode_at(self, step: int) -> str:
+        """The mode trained at ``step``. random draws from a generator seeded by (seed, step), so
+        every rank picks the same mode; sequential cycles the schedule, in training and evaluation."""
+        if self.loss_type == "random":
+            modes, weights = zip(*self.mode_weights)
+            return random.Random(f"{self.seed}:{step}").choices(modes, weights)[0]
+        if self.loss_type == "sequential":
+            pos = step % sum(steps for _, steps in self.mode_schedule)
+            for mode, steps in self.mode_schedule:
+                if pos < steps:
+                    return mode
+                pos -= steps
+        return self.loss_type
+
+    @property
+    def trained_modes(self) -> frozenset[str]:
+        """The base modes (l2t, t2l, unconditional) the run trains; cycle_vae's passes are L2T and
+        T2L passes."""
+        if self.loss_type == "random":
+            return frozenset(m for m, _ in self.mode_weights)
+        if self.loss_type == "sequential":
+            return frozenset(m for m, _ in self.mode_schedule)
+        if self.loss_type == "cycle_vae":
+            return frozenset({"l2t", "t2l"})
+        return frozenset({self.loss_type})
+
+    # ---- cost of one micro-batch
+
+    @property
+    def stages(self) -> int:
+        """Dependency stages, one model call each: cycle_vae's second stage needs the first's outputs."""
+        return 2 if self.loss_type == "cycle_vae" else 1
+
+    @property
+    def passes_per_stage(self) -> int:
+        """Passes concatenated into one model call, at most (cycle_vae: an L2T and a T2L pass)."""
+        return 2 if self.loss_type == "cycle_vae" else 1
+
+    def rows_per_call(self, micro_batch: int) -> int:
+        return self.passes_per_stage * micro_batch
+
+    @property
+    def micro_step_stages(self) -> tuple[int | None, ...]:
+        """The ``stage`` argument of TrainStep.forward for each DeepSpeed micro-step (forward +
+        backward) of one micro-batch: (1, 2) stage-wise, else (None,), every stage in one step."""
+        return tuple(range(1, self.stages + 1)) if self.stagewise else (None,)
+
+    @property
+    def micro_steps_per_batch(self) -> int:
+        return len(self.micro_step_stages)
+
+    @property
+    def stages_per_micro_step(self) -> int:
+        """Model calls whose graphs one backward spans (alive together in memory)."""
+        return self.stages // self.micro_steps_per_batch
+
+    # ---- sampling a model trained this way
+
+    @property
+    def decode_steps(self) -> int:
+        """Default L2T unmasking steps. Only unconditional passes show the model partly masked
+        text at 0 < t < 1; a run without them (l2t, cycle_vae, ...) saw text only all-[MASK] at
+        t = 1 or clean, so its decoding predicts every token from the all-[MASK] input in one step."""
+        return ITERATIVE_DECODE_STEPS if "unconditional" in self.trained_modes else 1
+
+    @property
+    def t2l_start(self) -> float:
+        """Latent time T2L sampling starts from: the largest one the run trained (unconditional
+        passes use t in [0, 1], T2L passes ``latent_time``)."""
+        return 1.0 if "unconditional" in self.trained_modes else self.latent_time.largest
+
+    @property
+    def t2l_steps(self) -> int:
+        """Default DDIM steps: 1 (the x0 prediction at t = 1) when T2L was trained only at t = 1."""
+        if "unconditional" not in self.trained_modes and self.latent_time.mode == "full":
+            return 1
+        return DDIM_STEPS

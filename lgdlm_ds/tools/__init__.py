@@ -1,0 +1,1 @@
+"""Tools off the training path: benchmarks, memory predictor, plots."""

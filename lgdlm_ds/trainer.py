@@ -1,0 +1,164 @@
+"""The trainer: DeepSpeed around ``TrainStep`` and the step loop. ``Trainer(cfg, preflight(cfg)).train()``;
+train.py is the command line.
+
+Each step follows the data path: this rank's micro-batches -> forward and backward of each ->
+the skip decision and DeepSpeed's step (skip_policy.py) -> the log (metrics.py) -> validation when
+due (validate.py) -> a checkpoint when due (checkpoint.Checkpointer).
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches per rank. Each micro-batch is
+one DeepSpeed micro-step: ``engine(batch, step)``, one ``engine.backward(loss)``, ``engine.step()``
+(DeepSpeed applies the update on the last). With ``loss.cycle_stagewise`` it is two: stage 1 and
+stage 2 of cycle_vae, each with its own backward and ``engine.step()``, and DeepSpeed counts twice
+the accumulation steps. Never two backwards without an ``engine.step()`` between them: DeepSpeed
+0.19.8 ZeRO-2 then silently keeps only the last one's gradients.
+
+Noise: before every micro-step the torch generator is seeded from (seed, step, slot) (slots: see
+batching.py). A step's noise then depends neither on the number of ranks nor on what ran before, so
+a resumed run draws exactly what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import checkpoint
+from .batching import StepBatches, to_device
+from .config import Config, ConfigError
+from .data import build_dataset
+from .ds_config import load_ds_config, offloads_optimizer
+from .metrics import MetricsLogger
+from .model import build_model
+from .objectives import TrainStep
+from .optim import WarmupCosine, build_optimizer
+from .run_files import write_run_files
+from .seeding import derive_seed, seed_everything
+from .skip_policy import SkipPolicy
+from .validate import Validator
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message names the step and the checkpoint to go back to."""
+
+
+def preflight(cfg: Config) -> dict:
+    """Everything checkable before DeepSpeed starts: the JSON, the run directory, the resume target.
+    Returns the DeepSpeed config to use. Raises ConfigError or checkpoint.CheckpointError."""
+    ds = load_ds_config(cfg)
+    if not cfg.logging.run_dir:
+        raise ConfigError("config key 'logging.run_dir': must name the run directory.")
+    run_dir = Path(cfg.logging.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config key 'logging.run_dir': '{run_dir}' exists and is not a directory.")
+    checkpoint.find_resume(cfg.training.resume, run_dir / "checkpoints")
+    return ds
+
+
+class Trainer:
+    """One training run. ``poison(step, rank) -> bool`` is a fault-injection hook for tests: when
+    it returns True, that rank's loss of that (0-based) step is multiplied by NaN."""
+
+    def __init__(self, cfg: Config, ds_config: dict, *,
+                 poison: Callable[[int, int], bool] | None = None):
+        import deepspeed
+        from deepspeed import comm as dist
+        from deepspeed.accelerator import get_accelerator
+        self.dist, self.poison = dist, poison
+        self.cfg, tr = cfg, cfg.training
+        deepspeed.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.run_dir = Path(cfg.logging.run_dir)
+
+        seed_everything(tr.seed)  # the same initial model on every rank
+        # Before the datasets: a per-sample dataset keeps its file index in the run directory.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 first: a packed dataset is prepared on first use, and only once.
+        if self.rank != 0:
+            dist.barrier()
+        self.train_set = build_dataset(cfg, "train")
+        val_set = build_dataset(cfg, "validation") if tr.eval_every else None
+        if self.rank == 0:
+            dist.barrier()
+        self.global_batch = self.world * tr.gradient_accumulation_steps * tr.micro_batch_size
+        self.validator = Validator(cfg, val_set, dist)
+        step_module = TrainStep(build_model(cfg.model), cfg)
+        optimizer = build_optimizer(step_module, tr, offloads_optimizer(ds_config))
+        # The skip policy gates the optimizer itself: DeepSpeed's wrappers call its step.
+        self.skips = SkipPolicy(optimizer, tr.max_consecutive_skips, dist)
+        self.engine, *_ = deepspeed.initialize(
+            model=step_module, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: WarmupCosine(opt, tr.warmup_steps, tr.num_train_steps, tr.min_lr_ratio))
+        self.stages = step_module.plan.micro_step_stages
+        self.device = self.engine.device
+        self.checkpointer = checkpoint.Checkpointer(self.engine, cfg, dist)
+        self.progress = self.checkpointer.resume()
+        if self.rank == 0:
+            write_run_files(cfg, ds_config, self.run_dir, self.world, get_accelerator().device_name())
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to training.num_train_steps (or stop after ``until_step``, saving a checkpoint, as a
+        job that reaches its time limit would). Returns a summary."""
+        total = self.cfg.training.num_train_steps
+        end = total if until_step is None else min(until_step, total)
+        log = MetricsLogger(self.cfg, self.run_dir, self.dist, self.device, self.global_batch, self.progress.step, end)
+        batches = log.timed(iter(self._loader()))
+        self.engine.train()
+        try:
+            while self.progress.step < end:
+                k, epoch, start = self.progress.step, self.progress.data_position.epoch, time.perf_counter()
+                metrics, tokens, bad_loss = self._micro_steps(batches, k)
+                lr = self.engine.lr_scheduler.get_last_lr()[0]
+                reason, grad_norm = self.skips.step(self.engine, bad_loss)
+                seconds = time.perf_counter() - start
+                self.progress = self.progress.after_step(self.global_batch, len(self.train_set),
+                                                         skipped=reason is not None)
+                step = self.progress.step
+                evaluation = self.validator.run(self.engine, k) if self.validator.due(step, end) else {}
+                log.step(step=step, epoch=epoch, lr=lr, metrics=metrics, tokens=tokens, seconds=seconds,
+                         grad_norm=grad_norm, skipped_steps=self.progress.skipped_steps, skip_reason=reason,
+                         evaluation=evaluation)
+                if (error := self.skips.streak_error(step, self.checkpointer.last)) is not None:
+                    raise TrainingError(error)
+                if self.checkpointer.due(step, end):
+                    self.checkpointer.save(self.progress)
+        finally:
+            log.close()
+        return {"step": self.progress.step, "skipped_steps": self.progress.skipped_steps,
+                "last_checkpoint": self.checkpointer.last}
+
+    def _loader(self) -> DataLoader:
+        """This rank's micro-batches from the current data position on."""
+        tr = self.cfg.training
+        sampler = StepBatches(len(self.train_set), tr.seed, self.world, self.rank, tr.gradient_accumulation_steps,
+                              tr.micro_batch_size, self.progress.data_position)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=tr.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def _micro_steps(self, batches: Iterator[dict], k: int):
+        """Forward + backward of every micro-batch of step k; DeepSpeed's step on all but the last.
+        Returns (metrics averaged over micro-batches, real tokens, non-finite-loss flag)."""
+        seed, accumulation = self.cfg.training.seed, self.cfg.training.gradient_accumulation_steps
+        sums: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
+        for m in range(accumulation):
+            batch = to_device(next(batches), self.device)
+            torch.manual_seed(derive_seed(seed, "train", k, m * self.world + self.rank))
+            for i, stage in enumerate(self.stages):
+                loss, metrics = self.engine(batch, k) if stage is None else self.engine(batch, k, stage=stage)
+                if self.poison is not None and self.poison(k, self.rank):
+                    loss = loss * float("nan")
+                # DeepSpeed divides every backward by its accumulation count, accumulation x stages;
+                # the stages of one micro-batch add up to its loss, so each is scaled back up.
+                self.engine.backward(loss * len(self.stages))
+                if m < accumulation - 1 or i < len(self.stages) - 1:
+                    self.engine.step()
+                # Stage metrics are disjoint except the loss and nonfinite_terms, which add up.
+                for name, v in {"loss": loss.detach().float(), **metrics}.items():
+                    sums[name] = sums[name] + v if name in sums else v
+                bad_loss |= ~torch.isfinite(loss.detach())
+            tokens += batch["attention_mask"].sum()
+        return {n: v / accumulation for n, v in sums.items()}, tokens, bad_loss

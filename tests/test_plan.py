@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from lgdlm_ds.config import load_config
+from lgdlm_ds.ds_config import load_ds_config
+from lgdlm_ds.plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, LatentTime, ObjectivePlan, Ramp
+
+
+def plan(*overrides: str) -> ObjectivePlan:
+    return ObjectivePlan.from_config(load_config(None, list(overrides)))
+
+
+@pytest.mark.parametrize("loss_type, extra, modes", [
+    ("l2t", [], {"l2t"}),
+    ("t2l", [], {"t2l"}),
+    ("unconditional", [], {"unconditional"}),
+    ("cycle_vae", [], {"l2t", "t2l"}),
+    ("random", ["training.mode_weights={l2t: 1, t2l: 0, unconditional: 2}"], {"l2t", "unconditional"}),
+    ("sequential", ["training.mode_schedule=[{type: t2l, steps: 3}, {type: l2t, steps: 1}]"], {"t2l", "l2t"}),
+])
+def test_trained_modes_are_the_modes_drawn(loss_type, extra, modes):
+    p = plan(f"loss.loss_type={loss_type}", *extra)
+    assert p.trained_modes == modes
+    assert {p.mode_at(s) for s in range(200)} == (modes if loss_type in ("random", "sequential") else {loss_type})
+
+
+def test_mode_weights_and_schedule_are_read_only_by_their_loss_type():
+    # Validation checks them only for random / sequential: another loss type must not trip on them.
+    p = plan("loss.loss_type=l2t", "training.mode_weights={foo: bar}", "training.mode_schedule=[1]")
+    assert (p.mode_weights, p.mode_schedule, p.mode_at(5)) == ((), (), "l2t")
+
+
+def test_random_mode_keeps_base_mode_order_and_weights():
+    p = plan("loss.loss_type=random", "training.mode_weights={unconditional: 2, l2t: 1}")
+    assert p.mode_weights == (("l2t", 1), ("unconditional", 2))
+
+
+def test_sequential_mode_cycles_the_schedule():
+    p = plan("loss.loss_type=sequential", "training.mode_schedule=[{type: t2l, steps: 3}, {type: l2t, steps: 1}]")
+    assert [p.mode_at(s) for s in range(9)] == ["t2l"] * 3 + ["l2t"] + ["t2l"] * 3 + ["l2t", "t2l"]
+
+
+def test_cycle_weights_follow_their_ramps():
+    p = plan("loss.cycle_text_weight=0.4", "loss.cycle_text_warmup_steps=2", "loss.cycle_text_ramp_steps=4",
+             "loss.cycle_latent_weight=0.2", "loss.cycle_latent_warmup_steps=1")
+    assert (p.cycle_text, p.cycle_latent) == (Ramp(0.4, 2, 4), Ramp(0.2, 1, 0))
+    assert [p.cycle_text.at(s) for s in (0, 1, 2, 3, 6, 50)] == pytest.approx([0, 0, 0, 0.1, 0.4, 0.4])
+    assert [p.cycle_latent.at(s) for s in (0, 1, 2)] == [0, 0.2, 0.2]
+
+
+def test_latent_time_sampler():
+    full = plan("loss.latent_t_mode=full").latent_time
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert (full.sample(5, "cpu") == 1).all() and full.largest == 1.0
+    assert torch.equal(torch.get_rng_state(), state)  # t = 1 draws nothing: later noise is unchanged
+    rnd = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.3", "loss.cycle_latent_t_max=0.5").latent_time
+    assert rnd == LatentTime("random", 0.3, 0.5) and rnd.largest == 0.5
+    t = rnd.sample(1000, "cpu")
+    assert t.shape == (1000,) and t.dtype == torch.float32 and 0.3 <= t.min() and t.max() <= 0.5
+
+
+@pytest.mark.parametrize("overrides, stages, passes, micro_steps, per_micro_step", [
+    (["loss.loss_type=l2t"], 1, 1, (None,), 1),
+    (["loss.loss_type=unconditional", "loss.cycle_stagewise=true"], 1, 1, (None,), 1),  # no stages to split
+    (["loss.loss_type=cycle_vae"], 2, 2, (None,), 2),
+    (["loss.loss_type=cycle_vae", "loss.cycle_stagewise=true"], 2, 2, (1, 2), 1),
+])
+def test_model_calls_and_micro_steps(overrides, stages, passes, micro_steps, per_micro_step):
+    cfg = load_config(None, overrides + ["training.gradient_accumulation_steps=3"])
+    p = ObjectivePlan.from_config(cfg)
+    assert (p.stages, p.passes_per_stage, p.micro_step_stages, p.stages_per_micro_step) == \
+        (stages, passes, micro_steps, per_micro_step)
+    assert p.rows_per_call(4) == 4 * passes
+    assert load_ds_config(cfg)["gradient_accumulation_steps"] == 3 * len(micro_steps)
+
+
+@pytest.mark.parametrize("overrides, decode_steps, t2l_start, t2l_steps", [
+    (["loss.loss_type=cycle_vae", "loss.latent_t_mode=full"], 1, 1.0, 1),
+    (["loss.loss_type=cycle_vae", "loss.latent_t_mode=random", "loss.cycle_latent_t_max=0.9"], 1, 0.9, DDIM_STEPS),
+    (["loss.loss_type=unconditional", "loss.latent_t_mode=full"], ITERATIVE_DECODE_STEPS, 1.0, DDIM_STEPS),
+    (["loss.loss_type=random", "loss.latent_t_mode=random", "training.mode_weights={t2l: 1, unconditional: 1}"],
+     ITERATIVE_DECODE_STEPS, 1.0, DDIM_STEPS),
+    (["loss.loss_type=l2t", "loss.latent_t_mode=full"], 1, 1.0, 1),
+])
+def test_where_sampling_starts(overrides, decode_steps, t2l_start, t2l_steps):
+    p = plan(*overrides)
+    assert (p.decode_steps, p.t2l_start, p.t2l_steps) == (decode_steps, t2l_start, t2l_steps)
