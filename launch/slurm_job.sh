@@ -14,14 +14,17 @@
 #
 # Preemption and time limits. `#SBATCH --signal=B:USR1@300` sends SIGUSR1 to this batch shell five
 # minutes before the end; run_training forwards it to every process of the job step. The wrappers
-# and launchers ignore it (launch/slurm_task.sh), so it reaches the training processes, which are
-# to catch it, save a checkpoint and exit with STOPPED_AFTER_SAVE. The task then leaves the
-# .stopped file and exits 0 (a non-zero exit would make --kill-on-bad-exit cut the other ranks
-# short), and this job requeues itself: the next attempt resumes from that checkpoint in the same
-# run directory (training.resume: auto). By hand: `scancel --batch --signal=USR1 JOBID`.
-# Until lgdlm_ds.train catches SIGUSR1, the signal changes nothing and the job ends at its limit.
+# and launchers ignore it (launch/slurm_task.sh), so it reaches the training processes, which
+# finish the current step, save a checkpoint and exit with STOPPED_AFTER_SAVE
+# (lgdlm_ds/preemption.py). The task then leaves the .stopped file and exits 0 (a non-zero exit
+# would make --kill-on-bad-exit cut the other ranks short), and this job requeues itself: the next
+# attempt resumes from that checkpoint in the same run directory (training.resume: auto). By hand:
+# `scancel --batch --signal=USR1 JOBID`. SIGTERM to the job step (`scancel --signal=TERM JOBID`)
+# does the same under slurm_srun.sbatch; under slurm_multinode.sbatch DeepSpeed's launcher handles
+# SIGTERM itself (it kills the ranks still running 30 s later and exits 1): the ranks save, but the
+# job does not requeue.
 
-# Exit status of lgdlm_ds.train when a signal stopped it after a complete checkpoint.
+# Exit status of lgdlm_ds.train when a signal stopped it after a complete checkpoint (lgdlm_ds/cli.py).
 export STOPPED_AFTER_SAVE=3
 
 trap '' USR1  # until run_training forwards it: the default action would end this shell

@@ -4,8 +4,9 @@
 #   MASTER_PORT  rendezvous port (default: a free one)
 #   DRY_RUN=1    print the command and exit
 # Prints the command it runs (environment it sets included) first. Rerunning the same command
-# resumes from the run directory's newest complete checkpoint. Several nodes under SLURM:
-# launch/slurm_multinode.sbatch or launch/slurm_srun.sbatch.
+# resumes from the run directory's newest complete checkpoint. SIGUSR1 to its process group
+# (`kill -USR1 -- -PGID`) stops the run after the current step with a complete checkpoint: exit
+# status 3. Several nodes under SLURM: launch/slurm_multinode.sbatch or launch/slurm_srun.sbatch.
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   echo "usage: bash launch/train.sh RECIPE.yaml [section.key=value ...]" >&2
@@ -32,4 +33,10 @@ echo
 if [ "${DRY_RUN:-0}" = "1" ]; then
   exit 0
 fi
+# DeepSpeed's launcher processes inherit these. SIGUSR1 would kill them and leave the ranks without
+# a parent; ignored, it reaches only the ranks, which finish the step, save and exit 3
+# (lgdlm_ds/preemption.py), and the launcher passes the 3 on. SIGTERM makes the ranks save too, but
+# DeepSpeed's inner launcher handles it itself: it kills the ranks still running 30 s later and
+# exits 1. Ignored here, the outer one waits for that instead of exiting at once.
+trap '' USR1 TERM
 exec "${cmd[@]}"

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from .data import DataError
 from .seeding import derive_seed
 
 
@@ -55,7 +56,7 @@ class StepBatches(Sampler[list[int]]):
         self.world, self.rank, self.accumulation, self.micro = world, rank, accumulation, micro_batch
         self.global_batch = world * accumulation * micro_batch
         if self.global_batch > dataset_len:
-            raise ValueError(f"the training split has {dataset_len} samples, fewer than one global batch "
+            raise DataError(f"the training split has {dataset_len} samples, fewer than one global batch "
                              f"({world} ranks x {accumulation} accumulation x {micro_batch} micro-batch).")
         self.start = start.normalized(self.global_batch, dataset_len)
 
@@ -77,7 +78,7 @@ def eval_batches(dataset_len: int, world: int, rank: int, micro_batch: int, max_
     every evaluation, so evaluations are comparable across a run."""
     available = dataset_len // (world * micro_batch)
     if available == 0:
-        raise ValueError(f"the validation split has {dataset_len} samples, fewer than one micro-batch per "
+        raise DataError(f"the validation split has {dataset_len} samples, fewer than one micro-batch per "
                          f"rank ({world} ranks x {micro_batch}); raise data.val_fraction or turn training.eval_every off.")
     return [list(range((e * world + rank) * micro_batch, (e * world + rank + 1) * micro_batch))
             for e in range(min(max_batches, available))]

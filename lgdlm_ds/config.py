@@ -49,6 +49,20 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each MMDiT block in backward (torch.utils.checkpoint, non-reentrant): less
     activation memory, about one extra forward of compute; results are identical."""
+    fused_hyper_connections: bool = True
+    """Run each two-stream hyper-connection as two fused autograd functions (the 20 Sinkhorn
+    iterations in closed form; lgdlm_ds/hyper_mix.py): about a fifth of a step's ops, the same
+    results within fp32 rounding. false runs the hyper-connections package's own code."""
+    init_from: str = ""
+    """Warm start: the weights (not the optimizer state: that is training.resume) a fresh run starts
+    from. An older checkpoint.pt, a state dict file (.pt or .safetensors), a directory written by
+    lgdlm_ds.export, or a run directory, checkpoints folder or global_stepN folder (any ZeRO stage).
+    Every shape is checked first (the report: init_report.json in the run directory); a run that
+    resumes from its own checkpoint does not apply it again. Empty: random initial weights."""
+    init_fresh_keys: list[str] = field(default_factory=list)
+    """With init_from: glob patterns of the parameter names that may keep their initial values when
+    the source lacks them or holds them in another shape (e.g. ['latent_head.*']); source weights
+    they name that the model lacks are left out."""
 
 
 @dataclass
@@ -96,9 +110,17 @@ class LossConfig:
     """Latent time of every T2L pass: full (t=1, as pretrained T2L checkpoints were trained) or
     random (uniform in [cycle_latent_t_min, cycle_latent_t_max])."""
     cycle_latent_t_min: float = 0.0
-    """Lower bound of the latent time when latent_t_mode is random."""
+    """Lower bound of the latent time when latent_t_mode is random (with latent_t_curriculum_steps:
+    from the end of the curriculum on)."""
     cycle_latent_t_max: float = 0.98
     """Upper bound of the latent time when latent_t_mode is random."""
+    latent_t_curriculum_steps: int = 0
+    """latent_t_mode random: steps over which the lower bound of the latent time falls linearly from
+    cycle_latent_t_min_start to cycle_latent_t_min; the upper bound stays cycle_latent_t_max (0: the
+    whole range from the first step). T2L then starts near t = 1, where a model trained with
+    latent_t_mode full knows its task, and meets smaller times (less noisy latents) gradually."""
+    cycle_latent_t_min_start: float = 0.9
+    """Lower bound of the latent time at step 0 when latent_t_curriculum_steps > 0."""
     cycle_stop_grad_latent: bool = True
     """Detach the T2L x0 estimate before cycle_text uses it (cycle_text then trains only the
     L2T direction through that input)."""
@@ -138,6 +160,13 @@ class DataConfig:
     mean/std recorded when the data was prepared (training split). The older data never did this;
     unit-norm sentence embeddings have a per-dimension std of about 1/sqrt(latent_dim), far below
     the unit-variance noise of the latent diffusion."""
+    on_bad_sample: str = "error"
+    """A sample that fails the checks made as it is read (an unreadable file, a per-sample file's
+    wrong shape or dtype, a token id outside the vocabulary, a NaN or Inf latent): error stops the
+    run naming the file; skip trains on the next good sample of the split instead (the same one on
+    every rank and after a resume), warns on stderr and counts it in the log's ``bad_samples``.
+    What is checked when the dataset is built (missing files, metadata.json, shard sizes and
+    dtypes) always stops the run."""
     corpus: str = ""
     """packed only: text to prepare into data.path on first use, when it holds no dataset yet:
     lee_background (the embedded English news corpus) or a UTF-8 text file, one document or
@@ -320,7 +349,18 @@ def _apply_override(tree: dict, override: str, valid: Sequence[str]) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{p}' is not a mapping in the recipe.")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({e.problem}).") from e
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a malformed override or an unknown key (ConfigError naming it) before anything is
+    read; ``load_config`` applies the same checks."""
+    valid = _valid_keys(Config)
+    for o in overrides:
+        _apply_override({}, o, valid)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -362,6 +402,10 @@ def validate(cfg: Config) -> None:
                 "num_residual_streams", "attn_heads", "attn_dim_head"):
         _require(getattr(m, key) > 0, f"model.{key}", "must be positive.")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1).")
+    _require(all(isinstance(k, str) and k for k in m.init_fresh_keys), "model.init_fresh_keys",
+             f"must be a list of glob patterns of parameter names, got {m.init_fresh_keys!r}.")
+    _require(bool(m.init_from) or not m.init_fresh_keys, "model.init_fresh_keys",
+             "is read only with model.init_from: set that too, or leave this empty.")
     _require(d.latent_schedule in ("cosine", "linear", "sigmoid"), "diffusion.latent_schedule",
              f"'{d.latent_schedule}' is not one of cosine, linear, sigmoid.")
     _require(d.latent_parameterization in ("epsilon", "x0", "v"), "diffusion.latent_parameterization",
@@ -373,7 +417,7 @@ def validate(cfg: Config) -> None:
              f"'{lo.latent_loss_type}' is not one of mse, normalized_mse.")
     for key in ("latent_loss_weight", "cycle_text_weight", "cycle_latent_weight",
                 "cycle_text_warmup_steps", "cycle_text_ramp_steps",
-                "cycle_latent_warmup_steps", "cycle_latent_ramp_steps"):
+                "cycle_latent_warmup_steps", "cycle_latent_ramp_steps", "latent_t_curriculum_steps"):
         _require(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}.")
     _require(lo.cycle_latent_sampling in ("argmax", "categorical"), "loss.cycle_latent_sampling",
              f"'{lo.cycle_latent_sampling}' is not one of argmax, categorical.")
@@ -385,6 +429,13 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= lo.cycle_latent_t_min < lo.cycle_latent_t_max <= 1.0, "loss.cycle_latent_t_min",
              f"need 0 <= cycle_latent_t_min < cycle_latent_t_max <= 1, got "
              f"{lo.cycle_latent_t_min} and {lo.cycle_latent_t_max}.")
+    if lo.latent_t_curriculum_steps:
+        _require(lo.latent_t_mode == "random", "loss.latent_t_curriculum_steps",
+                 "widens the range of random latent times: set loss.latent_t_mode: random, or set this to 0.")
+        _require(lo.cycle_latent_t_min <= lo.cycle_latent_t_min_start < lo.cycle_latent_t_max,
+                 "loss.cycle_latent_t_min_start",
+                 f"need cycle_latent_t_min <= cycle_latent_t_min_start < cycle_latent_t_max, got "
+                 f"{lo.cycle_latent_t_min}, {lo.cycle_latent_t_min_start} and {lo.cycle_latent_t_max}.")
     _require(data.kind in ("synthetic", "per_sample", "packed"), "data.kind",
              f"'{data.kind}' is not one of synthetic, per_sample, packed.")
     per_sample_dirs = {k: getattr(data, k) for k in ("token_dir", "latent_dir")}
@@ -403,6 +454,8 @@ def validate(cfg: Config) -> None:
     _require(data.kind != "packed" or bool(data.path), "data.path",
              "data.kind packed needs the dataset directory (prepared there on first use when "
              "data.corpus is set).")
+    _require(data.on_bad_sample in ("error", "skip"), "data.on_bad_sample",
+             f"'{data.on_bad_sample}' is not one of error, skip.")
     _require(data.kind == "packed" or not data.standardize_latents, "data.standardize_latents",
              "needs data.kind packed: only a packed dataset records the per-dimension latent mean/std.")
     _require(data.kind == "packed" or not data.corpus, "data.corpus",

@@ -1,5 +1,5 @@
 """Datasets. Every sample is a dict: ``input_ids`` [S] long, ``attention_mask`` [S] bool,
-``latent`` [D] float32; batches stack them to [B, S] / [B, D].
+``latent`` [D] float32, ``bad_samples`` [] long (see Checks); batches stack them to [B, S] / [B, D] / [B].
 
 - ``SyntheticDataset``: random sentences of real shape whose latent is a fixed function of their
   tokens (so L2T and T2L have something to learn); deterministic by (seed, split, index).
@@ -20,11 +20,22 @@
   (``sentences.txt``: its sentence, one per line; converted from the per-sample layout,
   ``samples.txt``: its token file) and ``shard.json``. A shard directory appears by an atomic rename
   once complete and is never rewritten; metadata.json is written last.
+
+Checks. What is cheap is checked when a dataset is built, before training: folders, token files
+with their latents, metadata.json, the header of every shard file (present, not truncated, dtype
+and rows as metadata.json says) and the shards' lengths. What needs every sample read is checked as
+it is read: an unreadable sample file, a per-sample file's shape and dtype, token ids outside the
+vocabulary, a NaN or Inf latent. Such a bad sample (``BadSample``) stops the run naming the file
+(``data.on_bad_sample: error``), or (``skip``) is replaced by the next good sample of the split,
+the same one on every rank and after a resume, with a warning on stderr. A sample's
+``bad_samples`` counts the bad ones passed over to reach it; batches carry it out of the DataLoader
+workers, and the training log sums it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -52,15 +63,51 @@ class DataError(ValueError):
     """A dataset that cannot be read as configured; the message names the file and the fix."""
 
 
+class BadSample(DataError):
+    """One sample that fails the checks made as it is read; ``data.on_bad_sample`` decides whether
+    it stops the run."""
+
+
 def is_validation(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode()) % 1_000_000 < val_fraction * 1_000_000
 
 
-class SyntheticDataset(Dataset):
+class CheckedDataset(Dataset):
+    """A split whose samples come from ``read(i)``, which raises BadSample for a bad one; this
+    class applies ``on_bad_sample`` (see Checks in the module docstring). Subclasses set ``split``,
+    ``source`` (what the messages call the data) and ``on_bad_sample``."""
+    split: str
+    source: str
+    on_bad_sample: str
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} is outside the {self.split} split of {self.source} ({n} samples).")
+        for skipped in range(n):
+            j = (i + skipped) % n  # the next good sample: depends on the data alone, not on rank or time
+            try:
+                sample = self.read(j)
+            except BadSample as e:
+                if self.on_bad_sample == "error":
+                    raise BadSample(f"{e} Set data.on_bad_sample: skip to train on the next good sample "
+                                    "instead.") from e
+                _log(f"skipping sample {j} of the {self.split} split (data.on_bad_sample: skip): {e}")
+                continue
+            return {**sample, "bad_samples": torch.tensor(skipped)}
+        raise DataError(f"every sample of the {self.split} split of {self.source} is bad, so "
+                        "data.on_bad_sample: skip has none to train on; see the warnings above.")
+
+
+class SyntheticDataset(CheckedDataset):
     def __init__(self, cfg: Config, split: str):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
         m, d = cfg.model, cfg.data
+        self.split, self.source, self.on_bad_sample = split, "the synthetic data", d.on_bad_sample
         self.seq_len, self.vocab = m.max_seq_len, m.vocab_size
         self.specials = sorted({d.pad_token_id, d.mask_token_id})
         self.pad = d.pad_token_id
@@ -74,9 +121,7 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
+    def read(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", self.offset + i))
         n = int(torch.randint(max(1, self.seq_len // 4), self.seq_len + 1, (1,), generator=g))
         ids = torch.randint(0, self.vocab - len(self.specials), (n,), generator=g)
@@ -120,29 +165,36 @@ def load_per_sample(tok_path: Path, lat_path: Path) -> tuple[np.ndarray, np.ndar
             ids, mask = f["input_ids"], f["attention_mask"]
         latent = np.load(lat_path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"cannot read sample {tok_path} + {lat_path}: {e}") from e
+        raise BadSample(f"cannot read sample {tok_path} + {lat_path}: {str(e).rstrip('.')}.") from e
     return ids, mask, latent
 
 
 def read_per_sample(tok_path: Path, lat_path: Path, seq_len: int, latent_dim: int, vocab_size: int,
                     sources: tuple[str, str, str] = _MODEL_KEYS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One checked sample: input_ids [S] int64, attention_mask [S] bool, latent [D] float32.
-    ``sources`` say where the expected sequence length, latent size and vocabulary size come from."""
+    """One checked sample: input_ids [S] int64, attention_mask [S] bool, latent [D] float32; BadSample
+    when it is not. ``sources`` say where the expected sequence length, latent size and vocabulary
+    size come from."""
     ids, mask, latent = load_per_sample(tok_path, lat_path)
     if ids.shape != (seq_len,) or mask.shape != (seq_len,):
-        raise DataError(f"{tok_path}: input_ids {ids.shape} / attention_mask {mask.shape}, expected ({seq_len},) "
+        raise BadSample(f"{tok_path}: input_ids {ids.shape} / attention_mask {mask.shape}, expected ({seq_len},) "
                         f"from {sources[0]}: every sample must have this length.")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise DataError(f"{tok_path}: input_ids are {ids.dtype}, expected integer token ids.")
+        raise BadSample(f"{tok_path}: input_ids are {ids.dtype}, expected integer token ids.")
     if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
         bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
-        raise DataError(f"{tok_path}: token id {bad} outside the vocabulary [0, {vocab_size}) of {sources[2]}; "
+        raise BadSample(f"{tok_path}: token id {bad} outside the vocabulary [0, {vocab_size}) of {sources[2]}; "
                         "the data was tokenized with another tokenizer.")
     row = latent[0] if latent.ndim == 2 and len(latent) else latent  # [1, D] or [N, D]: the first row
     if row.shape != (latent_dim,):
-        raise DataError(f"{lat_path}: latent shape {latent.shape}, expected ({latent_dim},), (1, {latent_dim}) "
+        raise BadSample(f"{lat_path}: latent shape {latent.shape}, expected ({latent_dim},), (1, {latent_dim}) "
                         f"or (N, {latent_dim}) from {sources[1]}.")
-    return ids.astype(np.int64), mask.astype(bool), row.astype(np.float32)
+    if not np.issubdtype(row.dtype, np.floating):
+        raise BadSample(f"{lat_path}: latent is {row.dtype}, expected floating-point values.")
+    row = row.astype(np.float32)  # float64 beyond float32's range becomes Inf here, and is caught
+    if not np.isfinite(row).all():
+        raise BadSample(f"{lat_path}: latent holds NaN or Inf ({int((~np.isfinite(row)).sum())} of its "
+                        f"{latent_dim} values).")
+    return ids.astype(np.int64), mask.astype(bool), row
 
 
 @dataclass
@@ -283,13 +335,15 @@ def per_sample_listing(token_dir: Path, latent_dir: Path, index_dir: Path | None
     return listing
 
 
-class PerSampleDataset(Dataset):
+class PerSampleDataset(CheckedDataset):
     """One split of the older per-sample layout (see the module docstring)."""
 
     def __init__(self, token_dir: str | Path, latent_dir: str | Path, split: str, val_fraction: float,
-                 seq_len: int, latent_dim: int, vocab_size: int, index_dir: Path | None = None):
+                 seq_len: int, latent_dim: int, vocab_size: int, index_dir: Path | None = None,
+                 on_bad_sample: str = "error"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
+        self.split, self.on_bad_sample = split, on_bad_sample
         self.seq_len, self.latent_dim, self.vocab_size = seq_len, latent_dim, vocab_size
         listing = per_sample_listing(Path(token_dir), Path(latent_dir), index_dir)
         if "" in listing.groups:
@@ -304,6 +358,7 @@ class PerSampleDataset(Dataset):
                             f"{listing.token_dir / 'train'} folder, so the {split} split needs {split}/ in the "
                             "token and the latent folder. Add them, or set training.eval_every: 0.")
         self.token_folder, self.latent_folder = listing.token_dir / level, listing.latent_dir / level
+        self.source = str(self.token_folder)
         if not files:
             raise DataError(f"the {split} split of {self.token_folder} is empty{fix}")
         # Bytes in one array: compact, and nothing for DataLoader workers to copy by touching refcounts.
@@ -313,7 +368,7 @@ class PerSampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def read(self, i: int) -> dict[str, torch.Tensor]:
         token_file = os.fsdecode(self.files[i])
         ids, mask, latent = read_per_sample(self.token_folder / token_file,
                                             self.latent_folder / f"{sample_name(token_file)}.npy",
@@ -332,7 +387,7 @@ def read_metadata(root: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
+        raise DataError(f"cannot read {path} ({e}); prepare the data again into an empty data.path.") from e
     if meta.get("format") != PACKED_FORMAT:
         raise DataError(f"{path} is format {meta.get('format')!r}, expected {PACKED_FORMAT!r}; prepare "
                         "the data again with this version.")
@@ -363,16 +418,42 @@ def check_metadata(meta: dict, cfg: Config, root: str | Path) -> None:
                             f"the data again into another data.path for {want!r}.")
 
 
-class PackedDataset(Dataset):
+_DAMAGED = "the shard is damaged: prepare the data again into an empty data.path."
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a .npy file from its header alone; DataError when the file is missing, is
+    not a .npy file, or is shorter than its header says (a truncated copy)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            data_start = f.tell()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing, but metadata.json lists its shard; {_DAMAGED}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npy file ({e}); {_DAMAGED}") from e
+    need, have = data_start + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    if have < need:
+        raise DataError(f"{path} is truncated: its header says {dtype} {shape}, {need} bytes, but the file "
+                        f"holds {have}; {_DAMAGED}")
+    return shape, dtype
+
+
+class PackedDataset(CheckedDataset):
     """One split of a packed dataset. Shards are memory-mapped on first use in each process, so
     DataLoader workers share the page cache and a pickled dataset carries no array data."""
 
-    def __init__(self, root: str | Path, split: str, standardize_latents: bool = False):
+    def __init__(self, root: str | Path, split: str, standardize_latents: bool = False,
+                 on_bad_sample: str = "error"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
         self.root = Path(root).expanduser()
+        self.split, self.source, self.on_bad_sample = split, str(self.root), on_bad_sample
         meta = read_metadata(self.root)
-        self.seq_len, self.latent_dim = meta["seq_len"], meta["latent_dim"]
+        self.seq_len, self.latent_dim, self.vocab_size = meta["seq_len"], meta["latent_dim"], meta["vocab_size"]
         shards = meta["splits"][split]["shards"]
         self.shard_names = [s["name"] for s in shards]
         self.ends = np.cumsum([s["num_samples"] for s in shards], dtype=np.int64)
@@ -387,20 +468,30 @@ class PackedDataset(Dataset):
             # A near-constant dimension (all-MiniLM-L6-v2 has three) stays near zero instead of
             # being blown up by a vanishing std.
             self.std = np.maximum(np.asarray(meta["latent_std"], dtype=np.float32), 1e-6)
-        self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all()):
+                raise DataError(f"{self.root / METADATA_FILE}: latent_mean or latent_std holds NaN or Inf (a "
+                                "latent was when the data was prepared), so data.standardize_latents would make "
+                                "every latent NaN. Prepare the data again from finite latents, or set "
+                                "data.standardize_latents: false (the bad samples are then found as they are read).")
         for k, s in enumerate(shards):  # fail on a damaged dataset now, not hours into training
             self._check_shard(k, s["num_samples"], np.dtype(meta["token_dtype"]))
-        self._open.clear()
+        self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _check_shard(self, k: int, n: int, token_dtype: np.dtype) -> None:
-        ids, lengths, latents = self._arrays(k)
-        for arr, shape, dtype, name in ((ids, (n, self.seq_len), token_dtype, TOKENS_FILE),
-                                        (lengths, (n,), np.int32, LENGTHS_FILE),
-                                        (latents, (n, self.latent_dim), np.float32, LATENTS_FILE)):
-            if arr.shape != shape or arr.dtype != dtype:
-                raise DataError(f"{self.root / self.shard_names[k] / name}: {arr.dtype} {arr.shape}, "
-                                f"metadata.json says {np.dtype(dtype)} {shape}; the shard is damaged, "
-                                "prepare the data again.")
+        """Every file's header against metadata.json, and every length in [0, seq_len]: cheap, unlike
+        reading every token and latent."""
+        d = self.root / self.shard_names[k]
+        for name, shape, dtype in ((TOKENS_FILE, (n, self.seq_len), token_dtype), (LENGTHS_FILE, (n,), np.int32),
+                                   (LATENTS_FILE, (n, self.latent_dim), np.float32)):
+            found = _npy_header(d / name)
+            if found != (shape, dtype):
+                raise DataError(f"{d / name}: {found[1]} {found[0]}, metadata.json says {np.dtype(dtype)} {shape}; "
+                                f"{_DAMAGED}")
+        lengths = np.load(d / LENGTHS_FILE)
+        bad = np.flatnonzero((lengths < 0) | (lengths > self.seq_len))
+        if len(bad):
+            raise DataError(f"{d / LENGTHS_FILE}: row {bad[0]} has length {lengths[bad[0]]}, outside [0, "
+                            f"{self.seq_len}] (seq_len in metadata.json); {_DAMAGED}")
 
     def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if k not in self._open:
@@ -409,7 +500,7 @@ class PackedDataset(Dataset):
                 self._open[k] = tuple(np.load(d / f, mmap_mode="r")
                                       for f in (TOKENS_FILE, LENGTHS_FILE, LATENTS_FILE))
             except (OSError, ValueError) as e:
-                raise DataError(f"cannot read shard {d}: {e}; prepare the data again.") from e
+                raise DataError(f"cannot read shard {d}: {e}; {_DAMAGED}") from e
         return self._open[k]
 
     def __getstate__(self) -> dict:
@@ -418,17 +509,22 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def read(self, i: int) -> dict[str, torch.Tensor]:
         k = int(np.searchsorted(self.ends, i, side="right"))
         j = i - (int(self.ends[k - 1]) if k else 0)
         ids, lengths, latents = self._arrays(k)
+        row = ids[j].astype(np.int64)
+        if row.max() >= self.vocab_size or row.min() < 0:
+            bad = int(row.max() if row.max() >= self.vocab_size else row.min())
+            raise BadSample(f"{self.root / self.shard_names[k] / TOKENS_FILE}: row {j} has token id {bad}, outside "
+                            f"the vocabulary [0, {self.vocab_size}) of metadata.json.")
         latent = np.array(latents[j], dtype=np.float32)
+        if not np.isfinite(latent).all():
+            raise BadSample(f"{self.root / self.shard_names[k] / LATENTS_FILE}: row {j} holds NaN or Inf "
+                            f"({int((~np.isfinite(latent)).sum())} of its {self.latent_dim} values).")
         if self.mean is not None:
             latent = (latent - self.mean) / self.std
-        return {"input_ids": torch.from_numpy(ids[j].astype(np.int64)),
-                "attention_mask": torch.arange(self.seq_len) < int(lengths[j]),
+        return {"input_ids": torch.from_numpy(row), "attention_mask": torch.arange(self.seq_len) < int(lengths[j]),
                 "latent": torch.from_numpy(latent)}
 
 
@@ -441,9 +537,9 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
         run_dir = Path(cfg.logging.run_dir).expanduser() if cfg.logging.run_dir else None
         index_dir = run_dir / INDEX_DIR if run_dir is not None and run_dir.is_dir() else None
         return PerSampleDataset(*per_sample_dirs(d), split, d.val_fraction, m.max_seq_len, m.latent_dim,
-                                m.vocab_size, index_dir=index_dir)
+                                m.vocab_size, index_dir=index_dir, on_bad_sample=d.on_bad_sample)
     if d.corpus and not (Path(d.path).expanduser() / METADATA_FILE).is_file():
         from .prepare import ensure_dataset  # the tokenizer and encoder stack, imported only to prepare
         ensure_dataset(cfg)
     check_metadata(read_metadata(d.path), cfg, d.path)
-    return PackedDataset(d.path, split, d.standardize_latents)
+    return PackedDataset(d.path, split, d.standardize_latents, d.on_bad_sample)

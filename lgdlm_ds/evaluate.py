@@ -40,13 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cli
 from .config import Config
+from .data import DataError
 from .diffusion import LatentDiffusion
-from .loading import LatentSpace, LoadError, load
+from .loading import LatentSpace, load
 from .model import LGDLM, build_model
 from .objectives import Pass, l2t_pass
 from .plan import ObjectivePlan
-from .sample import SampleError, decode_text, ddim_latent
+from .sample import decode_text, ddim_latent
 from .seeding import derive_seed, seed_everything
 
 # Sums reduced over batches and ranks; every metric is a ratio of two of them.
@@ -146,7 +148,7 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
         torch.distributed.all_reduce(vec)
     s = dict(zip(_SUMS, vec.tolist()))
     if not s["samples"]:
-        raise ValueError("evaluate got no batch: the validation split has fewer samples than one batch.")
+        raise DataError("evaluate got no batch: the validation split has fewer samples than one batch.")
     tokens, samples = max(s["tokens"], 1.0), s["samples"]
     out = {"l2t_token_accuracy": s["l2t_correct"] / tokens, "l2t_text_loss": s["l2t_ce"] / tokens,
            "t2l_latent_cosine": s["cosine"] / samples, "t2l_retrieval_accuracy": s["retrieved"] / samples,
@@ -173,11 +175,9 @@ def load_batches(cfg: Config, split: str, batch_size: int, max_batches: int | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lgdlm_ds.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("evaluate", __doc__)
     parser.add_argument("path", help="run directory or exported directory")
-    parser.add_argument("overrides", nargs="*",
-                        help="section.key=value changes to the run's config, e.g. a moved data.path")
+    cli.add_overrides(parser, "the run, e.g. a moved data.path")
     parser.add_argument("--tag", default=None,
                         help="checkpoint tag of a run directory (default: the newest complete one)")
     parser.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
@@ -195,24 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     for name, least in (("batches", 1), ("batch_size", 1), ("t2l_steps", 1), ("decode_steps", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
-            print(f"evaluate: error: --{name.replace('_', '-')} must be at least {least}.", file=sys.stderr)
-            return 2
-    try:
-        loaded = load(args.path, args.tag, device=args.device, overrides=args.overrides)
-        cfg = loaded.cfg
-        model, step, source = loaded.model, loaded.step, loaded.source
-        if args.untrained:
-            seed_everything(cfg.training.seed)  # as the trainer does before building the model
-            model, step, source = build_model(cfg.model).to(args.device), 0, "untrained"
-        batches = load_batches(cfg, args.split, args.batch_size or cfg.training.micro_batch_size, args.batches)
-        decode_steps = ObjectivePlan.from_config(cfg).decode_steps if args.decode_steps is None else args.decode_steps
-        metrics = evaluate(model, cfg, batches, latent_space=loaded.latent_space, seed=args.seed,
-                           t2l_steps=args.t2l_steps, decode_steps=decode_steps)
-    except (LoadError, SampleError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}.")
+    return cli.run(_evaluate, args)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    loaded = load(args.path, args.tag, device=args.device, overrides=args.overrides)
+    cfg = loaded.cfg
+    model, step, source = loaded.model, loaded.step, loaded.source
+    if args.untrained:
+        seed_everything(cfg.training.seed)  # as the trainer does before building the model
+        model, step, source = build_model(cfg.model).to(args.device), 0, "untrained"
+    batches = load_batches(cfg, args.split, args.batch_size or cfg.training.micro_batch_size, args.batches)
+    decode_steps = ObjectivePlan.from_config(cfg).decode_steps if args.decode_steps is None else args.decode_steps
+    metrics = evaluate(model, cfg, batches, latent_space=loaded.latent_space, seed=args.seed,
+                       t2l_steps=args.t2l_steps, decode_steps=decode_steps)
     print(json.dumps({**metrics, "step": step, "checkpoint": source, "split": args.split, "seed": args.seed}))
-    return 0
 
 
 if __name__ == "__main__":

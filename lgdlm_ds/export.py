@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli
 from .config import save_config
 from .loading import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, LoadError, load
 from .model import upstream_state_dict
@@ -61,24 +62,19 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, upstrea
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lgdlm_ds.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("export", __doc__)
     parser.add_argument("run_dir", help="run directory (logging.run_dir of a training run)")
+    cli.add_overrides(parser, "the run, e.g. a moved data.path")
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--tag", default=None,
                         help="checkpoint tag, e.g. global_step300 (default: the newest complete one)")
     parser.add_argument("--upstream-layout", action="store_true",
                         help="also write checkpoint.pt in the older trainer's layout")
-    parser.add_argument("overrides", nargs="*",
-                        help="section.key=value changes to the run's config, e.g. data.path=...")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        summary = export(args.run_dir, args.out, args.tag, args.upstream_layout, args.overrides)
-    except LoadError as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return cli.run(_export, parser.parse_intermixed_args(argv))
+
+
+def _export(args: argparse.Namespace) -> None:
+    print(json.dumps(export(args.run_dir, args.out, args.tag, args.upstream_layout, args.overrides)))
 
 
 if __name__ == "__main__":

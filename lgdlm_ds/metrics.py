@@ -11,6 +11,8 @@ time and memory go: ``peak_memory_gib``, the most memory any rank held since the
 (allocated device memory on CUDA; on the CPU the process's peak resident size, which only grows),
 and ``data_loading_share``, the largest share of the window's wall time that a rank spent waiting
 for the DataLoader's next batch (the other ranks wait for that one at the next collective).
+``bad_samples`` is the number of bad samples the datasets passed over (``data.on_bad_sample: skip``)
+to make the window's batches, summed over ranks.
 
 Only rank 0 writes. The log is opened for appending: a resumed run adds to it and never truncates
 it, so steps logged after the interrupted run's last checkpoint appear twice; the later line is the
@@ -36,7 +38,7 @@ from .config import Config, config_to_dict
 
 LOG_NAME = "training_log.jsonl"
 LINE_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "skipped_steps", "samples_per_sec", "tokens_per_sec",
-             "peak_memory_gib", "data_loading_share")
+             "peak_memory_gib", "data_loading_share", "bad_samples")
 """Keys of every line; the objective's metrics (and eval_* at evaluation steps) come after them."""
 _BAR_KEYS = {"loss": "loss", "base_l2t_text_loss": "l2t", "base_t2l_latent_loss": "t2l", "text_loss": "text",
              "latent_loss": "latent", "skipped_steps": "skipped"}
@@ -73,15 +75,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def mean_over_ranks(dist, sums: dict[str, torch.Tensor], counts: dict[str, int],
-                    extra: torch.Tensor) -> tuple[dict[str, float], float]:
-    """Means of metric sums over ``counts[name]`` values per rank, and the total of ``extra``, in one
-    all-reduce. Collective: every rank passes the same keys."""
+                    extra: torch.Tensor) -> tuple[dict[str, float], list[float]]:
+    """Means of metric sums over ``counts[name]`` values per rank, and the totals of ``extra``'s
+    entries, in one all-reduce. Collective: every rank passes the same keys."""
     names = sorted(sums)
-    vec = torch.stack([sums[n].float() for n in names] + [extra.float()])
+    vec = torch.cat([torch.stack([sums[n].float() for n in names]), extra.float().reshape(-1)])
     dist.all_reduce(vec)
     values = vec.tolist()
     world = dist.get_world_size()
-    return {n: v / (counts[n] * world) for n, v in zip(names, values)}, values[-1]
+    return {n: v / (counts[n] * world) for n, v in zip(names, values)}, values[len(names):]
 
 
 class _Window:
@@ -92,10 +94,12 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps, self.seconds, self.data_seconds, self.tokens, self.grad_norms = 0, 0.0, 0.0, 0, []
+        self.bad_samples = 0
         self.step, self.epoch, self.lr, self.skipped_steps = 0, 0, 0.0, 0
 
     def add(self, step: int, epoch: int, lr: float, metrics: dict[str, torch.Tensor], tokens: torch.Tensor,
-            seconds: float, data_seconds: float, grad_norm: float | None, skipped_steps: int) -> None:
+            seconds: float, data_seconds: float, bad_samples: int, grad_norm: float | None,
+            skipped_steps: int) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
@@ -103,6 +107,7 @@ class _Window:
         self.steps += 1
         self.seconds += seconds
         self.data_seconds += data_seconds
+        self.bad_samples += bad_samples
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
         self.step, self.epoch, self.lr, self.skipped_steps = step, epoch, lr, skipped_steps
@@ -116,7 +121,7 @@ class MetricsLogger:
                  start_step: int, end: int):
         self.dist, self.device, self.global_batch = dist, device, global_batch
         self.log_every, self.end = cfg.logging.log_every, end
-        self.window, self.data_seconds = _Window(), 0.0
+        self.window, self.data_seconds, self.bad_samples = _Window(), 0.0, 0
         self.active = dist.get_rank() == 0
         if not self.active:
             return
@@ -136,11 +141,14 @@ class MetricsLogger:
                           mode=wandb_mode(), config=config_to_dict(cfg))
 
     def timed(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """``batches``, with the time spent waiting for each counted toward data_loading_share."""
+        """``batches``, with the time spent waiting for each counted toward data_loading_share, and
+        their bad samples (the count the DataLoader workers send along, taken off the batch) toward
+        bad_samples."""
         while True:
             start = time.perf_counter()
             batch = next(batches)
             self.data_seconds += time.perf_counter() - start
+            self.bad_samples += int(batch.pop("bad_samples").sum())
             yield batch
 
     def step(self, *, step: int, epoch: int, lr: float, metrics: dict[str, torch.Tensor], tokens: torch.Tensor,
@@ -152,8 +160,9 @@ class MetricsLogger:
             self.bar.update(1)
         if skip_reason is not None and self.window.steps:
             self._write({})
-        self.window.add(step, epoch, lr, metrics, tokens, seconds, self.data_seconds, grad_norm, skipped_steps)
-        self.data_seconds = 0.0
+        self.window.add(step, epoch, lr, metrics, tokens, seconds, self.data_seconds, self.bad_samples, grad_norm,
+                        skipped_steps)
+        self.data_seconds, self.bad_samples = 0.0, 0
         if skip_reason is not None:
             self._write({"skip_reason": skip_reason, **evaluation})
         elif step % self.log_every == 0 or step == self.end or evaluation:
@@ -162,7 +171,9 @@ class MetricsLogger:
     def _write(self, extra: dict) -> None:
         """Reduce the window over ranks, write it as one line with ``extra``, start a new window."""
         w, self.window = self.window, _Window()
-        metrics, tokens = mean_over_ranks(self.dist, w.sums, w.counts, w.tokens)
+        totals = torch.stack([torch.as_tensor(w.tokens, device=self.device),
+                              torch.tensor(w.bad_samples, device=self.device)])
+        metrics, (tokens, bad_samples) = mean_over_ranks(self.dist, w.sums, w.counts, totals)
         seconds = max(w.seconds, 1e-9)
         worst = torch.tensor([peak_memory_gib(self.device), w.data_seconds / seconds], dtype=torch.float64,
                              device=self.device)
@@ -172,7 +183,8 @@ class MetricsLogger:
         record = {"step": w.step, "epoch": w.epoch, "loss": metrics.pop("loss"), "lr": w.lr,
                   "grad_norm": sum(norms) / len(norms) if norms else None, "skipped_steps": w.skipped_steps,
                   "samples_per_sec": w.steps * self.global_batch / seconds, "tokens_per_sec": tokens / seconds,
-                  "peak_memory_gib": peak, "data_loading_share": data_share, **metrics, **extra}
+                  "peak_memory_gib": peak, "data_loading_share": data_share, "bad_samples": int(bad_samples),
+                  **metrics, **extra}
         if not self.active:
             return
         self.file.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")

@@ -7,10 +7,11 @@ attention runs through scaled-dot-product attention, latent_pred is [B, D], the 
 can be called on their own (so a head runs only on the rows that need it), and each MMDiT block
 can be checkpointed.
 
-``python -m lgdlm_ds.model RECIPE.yaml [key=value ...]`` prints the parameter count (meta device).
+``python -m lgdlm_ds.model RECIPE.yaml [section.key=value ...]`` prints the parameter count (meta device).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -25,7 +26,9 @@ from mmdit.mmdit_pytorch import MultiHeadRMSNorm
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError, ModelConfig, load_config
+from . import cli
+from .config import ModelConfig, load_config
+from .hyper_mix import fuse_hyper_connections
 from .text_head import TextHead
 
 
@@ -133,6 +136,8 @@ class LGDLM(nn.Module):
                            num_residual_streams=cfg.num_residual_streams,
                            heads=cfg.attn_heads, dim_head=cfg.attn_dim_head, flash_attn=True)
         self.scalar_param_names = ["mmdit." + n for n in _scalar_params_to_1d(self.mmdit)]
+        if cfg.fused_hyper_connections:
+            fuse_hyper_connections(self.mmdit)
         if cfg.qk_norm:
             _enable_qk_norm(self.mmdit, cfg.attn_heads, cfg.attn_dim_head)
         self.text_head = TextHead(H, cfg.vocab_size)
@@ -180,16 +185,23 @@ class LGDLM(nn.Module):
         return self.text_head(text_h), self.latent_head(latent_h)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LGDLM:
-    """Build the model. The hyper-connections pick an initial residual stream with Python's
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, *, warm_start: bool = True) -> LGDLM:
+    """Build the model, with the weights of ``model.init_from`` when it is set (warm_start.py; the
+    report goes to stderr). ``warm_start=False`` leaves the initial weights, for callers that load
+    others next (a checkpoint to resume or evaluate); a model on the meta device holds no values
+    and is never warm-started. The hyper-connections pick an initial residual stream with Python's
     ``random``; it is seeded from torch's generator here so one torch seed gives one model."""
     state = random.getstate()
     random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return LGDLM(cfg)
+            model = LGDLM(cfg)
     finally:
         random.setstate(state)
+    if warm_start and cfg.init_from and (device is None or torch.device(device).type != "meta"):
+        from .warm_start import apply_init_from, log  # warm_start reads weights through loading, which builds models
+        log(apply_init_from(model, cfg).summary())
+    return model
 
 
 # The training wrappers hold the model as ``.model``, the older trainer and TrainStep (the module
@@ -231,15 +243,18 @@ def parameter_counts(model: nn.Module) -> dict:
     return {"total_params": sum(by_module.values()), "mmdit_params": by_module.get("mmdit", 0), "by_module": by_module}
 
 
-def main(argv: list[str]) -> None:
-    if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python -m lgdlm_ds.model RECIPE.yaml [key=value ...]")
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser("model", "The parameter count of a recipe's model, built on the meta device (no memory "
+                        "for weights), as one JSON line.")
+    parser.add_argument("recipe", help="recipe YAML")
+    cli.add_overrides(parser)
+    return cli.run(_print_counts, parser.parse_intermixed_args(argv))
+
+
+def _print_counts(args: argparse.Namespace) -> None:
+    cfg = load_config(args.recipe, args.overrides)
     print(json.dumps(parameter_counts(build_model(cfg.model, device="meta"))))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -181,19 +181,19 @@ class TrainStep(nn.Module):
         if mode == "cycle_vae":
             loss, metrics = self.cycle_vae(ids, real, x0, step, stage)
         else:
-            loss, metrics = self.single_mode(mode, ids, real, x0)
+            loss, metrics = self.single_mode(mode, ids, real, x0, step)
             metrics["mode_index"] = torch.tensor(float(BASE_MODES.index(mode)), device=ids.device)
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["nonfinite_terms"] = (~torch.stack(list(metrics.values())).isfinite()).sum().float()
         return loss, metrics
 
-    def single_mode(self, mode: str, ids: Tensor, real: Tensor, x0: Tensor):
+    def single_mode(self, mode: str, ids: Tensor, real: Tensor, x0: Tensor, step: int):
         w_lat = self.cfg.loss.latent_loss_weight
         if mode == "l2t":
             (r,) = self._run(self.model, [self.l2t_pass(ids, real, x0)])
             return r.text_loss, {"text_loss": r.text_loss, "text_accuracy": r.text_accuracy}
         if mode == "t2l":
-            t = self.plan.latent_time.sample(ids.shape[0], ids.device)
+            t = self.plan.latent_time.sample(ids.shape[0], ids.device, step)
             p = self.t2l_pass(ids, real, x0, t, torch.randn_like(x0))
             (r,) = self._run(self.model, [p])
             lat = self.latent_loss(r.latent_pred, p.latent_target, "t2l latent")
@@ -227,8 +227,8 @@ class TrainStep(nn.Module):
         w_text, w_lat = plan.cycle_text.at(step), plan.cycle_latent.at(step)
         b = ids.shape[0]
         # Draw all noise before any model call: fused, unfused and stage-wise runs see the same numbers.
-        t_base, eps_base = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
-        t_cyc, eps_cyc = plan.latent_time.sample(b, ids.device), torch.randn_like(x0)
+        t_base, eps_base = plan.latent_time.sample(b, ids.device, step), torch.randn_like(x0)
+        t_cyc, eps_cyc = plan.latent_time.sample(b, ids.device, step), torch.randn_like(x0)
         # In the stage-wise mode stage 2 always runs (weight 0 during warmup): its micro-step
         # must have a graph for the engine's backward.
         run_text, run_lat = plan.stagewise or w_text > 0, plan.stagewise or w_lat > 0

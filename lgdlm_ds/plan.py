@@ -39,15 +39,30 @@ class Ramp:
 
 @dataclass(frozen=True)
 class LatentTime:
-    """Latent time of a T2L pass: 1 (mode full) or uniform in [t_min, t_max] (mode random)."""
+    """Latent time of a T2L pass: 1 (mode full) or uniform in [low(step), t_max] (mode random).
+
+    The lower bound is t_min, or with a curriculum (``curriculum_steps`` > 0) it falls linearly from
+    ``t_min_start`` to t_min over that many steps: T2L starts near t = 1, where a model trained at
+    t = 1 knows its task, and the range widens. The upper bound never moves, so where T2L sampling
+    starts (``largest``) does not depend on the step."""
     mode: str
     t_min: float
     t_max: float
+    curriculum_steps: int = 0
+    t_min_start: float | None = None  # the lower bound at step 0, with a curriculum
 
-    def sample(self, b: int, device) -> Tensor:
+    def low(self, step: int) -> float:
+        """The lower bound of a random latent time at ``step``."""
+        if not self.curriculum_steps:
+            return self.t_min
+        return self.t_min_start + (self.t_min - self.t_min_start) * min(1.0, step / self.curriculum_steps)
+
+    def sample(self, b: int, device, step: int) -> Tensor:
+        """Latent times of ``b`` rows at (0-based) training step ``step``, float32."""
         if self.mode == "full":
             return torch.ones(b, device=device)
-        return self.t_min + (self.t_max - self.t_min) * torch.rand(b, device=device)
+        low = self.low(step)
+        return low + (self.t_max - low) * torch.rand(b, device=device)
 
     @property
     def largest(self) -> float:
@@ -78,7 +93,9 @@ class ObjectivePlan:
         if lo.loss_type == "sequential":
             schedule = tuple((s["type"], s["steps"]) for s in tr.mode_schedule)
         return cls(loss_type=lo.loss_type, seed=tr.seed, mode_weights=weights, mode_schedule=schedule,
-                   latent_time=LatentTime(lo.latent_t_mode, lo.cycle_latent_t_min, lo.cycle_latent_t_max),
+                   latent_time=LatentTime(lo.latent_t_mode, lo.cycle_latent_t_min, lo.cycle_latent_t_max,
+                                          lo.latent_t_curriculum_steps,
+                                          lo.cycle_latent_t_min_start if lo.latent_t_curriculum_steps else None),
                    cycle_text=Ramp(lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps),
                    cycle_latent=Ramp(lo.cycle_latent_weight, lo.cycle_latent_warmup_steps,
                                      lo.cycle_latent_ramp_steps),

@@ -52,8 +52,9 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 
+from . import cli
 from .config import Config, DataConfig
-from .corpus import LEE_BACKGROUND, CorpusError, corpus_path, read_sentences
+from .corpus import LEE_BACKGROUND, corpus_path, read_sentences
 from .data import (LATENTS_FILE, LENGTHS_FILE, METADATA_FILE, PACKED_FORMAT, SAMPLES_FILE, SENTENCES_FILE,
                    SHARD_FILE, SPLITS, TOKENS_FILE, DataError, check_metadata, is_validation, list_per_sample,
                    load_per_sample, per_sample_dirs, per_sample_levels, read_metadata, read_per_sample,
@@ -450,10 +451,9 @@ _CORPUS_OPTIONS = ("corpus", "tokenizer", "encoder", "seq_len", "batch_size", "d
 _PER_SAMPLE_OPTIONS = ("vocab_size", "mask_token_id", "pad_token_id", "workers")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     d = Settings()
-    parser = argparse.ArgumentParser(prog="python -m lgdlm_ds.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("prepare", __doc__)
     parser.add_argument("--out", required=True, help="dataset directory (a recipe's data.path)")
     parser.add_argument("--corpus", default=d.corpus, help=f"{LEE_BACKGROUND} or a UTF-8 text file, one "
                         f"document or paragraph per line (default: {d.corpus})")
@@ -487,8 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                        f"{p.pad_token_id})")
     group.add_argument("--workers", type=int, default=8, help="threads reading the files (default: 8)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    per_sample = bool(args.from_per_sample or args.token_dir or args.latent_dir)
+    per_sample = _per_sample(args)
     misplaced = [f"--{o.replace('_', '-')}" for o in (_PER_SAMPLE_OPTIONS if not per_sample else _CORPUS_OPTIONS)
                  if getattr(args, o) != parser.get_default(o)]
     if misplaced and per_sample:
@@ -502,22 +501,28 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("give --from-per-sample ROOT, or --token-dir and --latent-dir, not both.")
         if not args.from_per_sample and not (args.token_dir and args.latent_dir):
             parser.error("--token-dir and --latent-dir go together.")
+    return cli.run(_prepare, args)
+
+
+def _per_sample(args: argparse.Namespace) -> bool:
+    return bool(args.from_per_sample or args.token_dir or args.latent_dir)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    if _per_sample(args):
         dirs = per_sample_dirs(DataConfig(path=args.from_per_sample, token_dir=args.token_dir,
                                           latent_dir=args.latent_dir))
-        run = functools.partial(prepare_per_sample, args.out, PerSampleSettings(
+        meta = prepare_per_sample(args.out, PerSampleSettings(
             *map(str, dirs), args.val_fraction, args.shard_size, args.vocab_size, args.mask_token_id,
             args.pad_token_id), args.workers)
     else:
         settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-        run = functools.partial(prepare, args.out, settings, device=args.device)
-    try:
-        meta = run()
-    except (PrepareError, CorpusError, DataError) as e:
-        sys.exit(f"prepare: error: {e}")
+        meta = prepare(args.out, settings, device=args.device)
     print(json.dumps({"out": str(args.out), **{s: meta["splits"][s]["num_samples"] for s in SPLITS},
                       **meta["counts"], "latent_dim": meta["latent_dim"], "seq_len": meta["seq_len"],
                       "seconds": round(time.perf_counter() - start, 1)}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cli
 from .config import Config
 from .diffusion import LatentDiffusion
-from .loading import LoadError, Loaded, load
+from .loading import Loaded, load
 from .plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, ObjectivePlan
 
 
@@ -229,10 +230,11 @@ def _sentences(args) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lgdlm_ds.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("sample", __doc__)
     parser.add_argument("path", help="run directory or exported directory")
     parser.add_argument("direction", choices=("l2t", "t2l"), help="l2t: text from latents; t2l: latents from text")
+    cli.add_overrides(parser, "the run, e.g. a moved data.path; before --sentences, which takes every argument "
+                      "after it")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sentences", nargs="+", help="sentences (l2t: decoded from their embeddings)")
     source.add_argument("--sentences-file", help="UTF-8 file, one sentence per line")
@@ -246,29 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="t2l: seed of the DDIM noise (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", default=None, help="also write samples.json, samples.txt (and latents.npy) here")
-    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change the run's config, e.g. a moved data.path (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        if args.steps is not None and args.steps < 1:
-            raise SampleError(f"--steps must be at least 1, got {args.steps}.")
-        if args.direction == "t2l" and args.latents:
-            raise SampleError("t2l starts from text: pass --sentences or --sentences-file.")
-        if args.latents and not Path(args.latents).is_file():
-            raise SampleError(f"--latents {args.latents} does not exist.")
-        sentences = _sentences(args)
-        loaded = load(args.path, args.tag, device=args.device, overrides=args.override)
-        if args.direction == "l2t":
-            latents = np.load(args.latents) if args.latents else None
-            rows, z = sample_l2t(loaded, sentences=sentences, latents=latents, length=args.length, steps=args.steps,
-                                 device=args.device), None
-            text = [r["text"] for r in rows]
-        else:
-            rows, z = sample_t2l(loaded, sentences, steps=args.steps, seed=args.seed, device=args.device)
-            text = [f"{r['sentence']}\tcosine_to_encoder={r['cosine_to_encoder']}" for r in rows]
-    except (SampleError, LoadError) as e:
-        print(f"sample: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(_sample, parser.parse_intermixed_args(argv))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise SampleError(f"--steps must be at least 1, got {args.steps}.")
+    if args.direction == "t2l" and args.latents:
+        raise SampleError("t2l starts from text: pass --sentences or --sentences-file.")
+    if args.latents and not Path(args.latents).is_file():
+        raise SampleError(f"--latents {args.latents} does not exist.")
+    sentences = _sentences(args)
+    loaded = load(args.path, args.tag, device=args.device, overrides=args.overrides)
+    if args.direction == "l2t":
+        latents = np.load(args.latents) if args.latents else None
+        rows, z = sample_l2t(loaded, sentences=sentences, latents=latents, length=args.length, steps=args.steps,
+                             device=args.device), None
+        text = [r["text"] for r in rows]
+    else:
+        rows, z = sample_t2l(loaded, sentences, steps=args.steps, seed=args.seed, device=args.device)
+        text = [f"{r['sentence']}\tcosine_to_encoder={r['cosine_to_encoder']}" for r in rows]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
             np.save(out / "latents.npy", z)
     for row in rows:
         print(json.dumps({"step": loaded.step, **row}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ A skipped step consumes its data and its step number and leaves parameters, opti
 the learning-rate schedule untouched: the ``StepGate`` makes the inner optimizer's ``step`` do
 nothing (DeepSpeed still runs its whole step: reductions, clipping, zeroing the gradients), and the
 schedule is told ``skip``. More than ``training.max_consecutive_skips`` in a row stop the run.
+
+The same all-reduce carries each rank's stop request (preemption.py): every rank learns whether
+any rank was asked to stop, at no extra collective per step.
 """
 from __future__ import annotations
 
@@ -48,11 +51,13 @@ class SkipPolicy:
         self.gate.attach(optimizer)
         self.streak, self.reason = 0, None
 
-    def step(self, engine, bad_loss: torch.Tensor) -> tuple[str | None, float | None]:
+    def step(self, engine, bad_loss: torch.Tensor,
+             stop_requested: bool = False) -> tuple[str | None, float | None, bool]:
         """DeepSpeed's step of the last micro-step, applied or skipped on every rank alike.
-        ``bad_loss``: this rank's non-finite-loss flag. Returns (skip reason or None, gradient norm
-        or None where no norm is known)."""
-        reason, grad_norm = self._collective_reason(engine, bad_loss)
+        ``bad_loss``: this rank's non-finite-loss flag; ``stop_requested``: whether this rank was
+        asked to stop. Returns (skip reason or None, gradient norm or None where no norm is known,
+        whether any rank was asked to stop)."""
+        reason, grad_norm, stop = self._collective_reason(engine, bad_loss, stop_requested)
         self.gate.open = reason is None
         engine.step(lr_kwargs={"skip": reason is not None})
         self.gate.open = True
@@ -61,20 +66,21 @@ class SkipPolicy:
         if grad_norm is None and engine.get_global_grad_norm() is not None:
             grad_norm = float(engine.get_global_grad_norm())
         self.streak, self.reason = (0, None) if reason is None else (self.streak + 1, reason)
-        return reason, grad_norm
+        return reason, grad_norm, stop
 
-    def _collective_reason(self, engine, bad_loss: torch.Tensor) -> tuple[str | None, float | None]:
+    def _collective_reason(self, engine, bad_loss: torch.Tensor,
+                           stop_requested: bool) -> tuple[str | None, float | None, bool]:
         norm = None
         bad_norm = torch.zeros((), device=bad_loss.device)
         if engine.optimizer is self.optimizer:  # plain fp32 ZeRO-0: nobody else checks the norm
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             bad_norm = (~torch.isfinite(norm)).float()
-        flags = torch.stack([bad_loss.float(), bad_norm])
+        flags = torch.stack([bad_loss.float(), bad_norm, torch.full_like(bad_norm, float(stop_requested))])
         self.dist.all_reduce(flags, op=self.dist.ReduceOp.MAX)
-        bad_loss_any, bad_norm_any = flags.tolist()
+        bad_loss_any, bad_norm_any, stop_any = flags.tolist()
         reason = "loss" if bad_loss_any else "grad_norm" if bad_norm_any else None
-        return reason, None if norm is None else float(norm)
+        return reason, None if norm is None else float(norm), bool(stop_any)
 
     def streak_error(self, step: int, last_checkpoint: Path | None) -> str | None:
         """The message that stops the run after ``step`` (1-based), or None while the streak is allowed."""

@@ -3,7 +3,8 @@ train.py is the command line.
 
 Each step follows the data path: this rank's micro-batches -> forward and backward of each ->
 the skip decision and DeepSpeed's step (skip_policy.py) -> the log (metrics.py) -> validation when
-due (validate.py) -> a checkpoint when due (checkpoint.Checkpointer).
+due (validate.py) -> a checkpoint when due (checkpoint.Checkpointer), or when a signal asked the run
+to stop (preemption.py), which then ends after that step.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches per rank. Each micro-batch is
 one DeepSpeed micro-step: ``engine(batch, step)``, one ``engine.backward(loss)``, ``engine.step()``
@@ -25,15 +26,17 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint
+from . import checkpoint, warm_start
 from .batching import StepBatches, to_device
 from .config import Config, ConfigError
 from .data import build_dataset
 from .ds_config import load_ds_config, offloads_optimizer
+from .fileio import write_atomic
 from .metrics import MetricsLogger
-from .model import build_model
+from .model import LGDLM, build_model
 from .objectives import TrainStep
 from .optim import WarmupCosine, build_optimizer
+from .preemption import StopSignal
 from .run_files import write_run_files
 from .seeding import derive_seed, seed_everything
 from .skip_policy import SkipPolicy
@@ -53,20 +56,25 @@ def preflight(cfg: Config) -> dict:
     run_dir = Path(cfg.logging.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config key 'logging.run_dir': '{run_dir}' exists and is not a directory.")
-    checkpoint.find_resume(cfg.training.resume, run_dir / "checkpoints")
+    resume = checkpoint.find_resume(cfg.training.resume, run_dir / "checkpoints")
+    if resume is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"config key 'model.init_from': '{cfg.model.init_from}' does not exist.")
     return ds
 
 
 class Trainer:
-    """One training run. ``poison(step, rank) -> bool`` is a fault-injection hook for tests: when
-    it returns True, that rank's loss of that (0-based) step is multiplied by NaN."""
+    """One training run. ``stop``: the signals that stop it after a step with a checkpoint (none
+    unless given; lgdlm_ds.train gives SIGUSR1 and SIGTERM). ``poison(step, rank) -> bool`` is a
+    fault-injection hook for tests: when it returns True, that rank's loss of that (0-based) step is
+    multiplied by NaN."""
 
-    def __init__(self, cfg: Config, ds_config: dict, *,
+    def __init__(self, cfg: Config, ds_config: dict, *, stop: StopSignal | None = None,
                  poison: Callable[[int, int], bool] | None = None):
         import deepspeed
         from deepspeed import comm as dist
         from deepspeed.accelerator import get_accelerator
         self.dist, self.poison = dist, poison
+        self.stop = stop or StopSignal(())
         self.cfg, tr = cfg, cfg.training
         deepspeed.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -84,7 +92,7 @@ class Trainer:
             dist.barrier()
         self.global_batch = self.world * tr.gradient_accumulation_steps * tr.micro_batch_size
         self.validator = Validator(cfg, val_set, dist)
-        step_module = TrainStep(build_model(cfg.model), cfg)
+        step_module = TrainStep(self._initial_model(), cfg)
         optimizer = build_optimizer(step_module, tr, offloads_optimizer(ds_config))
         # The skip policy gates the optimizer itself: DeepSpeed's wrappers call its step.
         self.skips = SkipPolicy(optimizer, tr.max_consecutive_skips, dist)
@@ -98,20 +106,41 @@ class Trainer:
         if self.rank == 0:
             write_run_files(cfg, ds_config, self.run_dir, self.world, get_accelerator().device_name())
 
+    def _initial_model(self) -> LGDLM:
+        """The model before DeepSpeed takes it. A fresh run starts from model.init_from's weights
+        when it is set (the report goes to the log and to init_report.json); a resumed run loads its
+        checkpoint's weights next and never applies model.init_from again."""
+        model_cfg = self.cfg.model
+        model = build_model(model_cfg, warm_start=False)
+        if not model_cfg.init_from:
+            return model
+        target = checkpoint.find_resume(self.cfg.training.resume, self.run_dir / "checkpoints")
+        if target is not None:
+            if self.rank == 0:
+                warm_start.log(f"not applied: resuming from {target[0] / target[1]}, whose weights the run continues.")
+            return model
+        report = warm_start.apply_init_from(model, model_cfg)  # every rank: the same weights everywhere
+        if self.rank == 0:
+            write_atomic(self.run_dir / warm_start.REPORT_FILE, report.to_json())
+            warm_start.log(f"fresh start: {report.summary()} Report: {self.run_dir / warm_start.REPORT_FILE}")
+        return model
+
     def train(self, until_step: int | None = None) -> dict:
         """Train to training.num_train_steps (or stop after ``until_step``, saving a checkpoint, as a
-        job that reaches its time limit would). Returns a summary."""
+        job that reaches its time limit would). Returns a summary; ``stopped_on_signal``: a stop
+        signal ended it early, after saving."""
         total = self.cfg.training.num_train_steps
         end = total if until_step is None else min(until_step, total)
         log = MetricsLogger(self.cfg, self.run_dir, self.dist, self.device, self.global_batch, self.progress.step, end)
         batches = log.timed(iter(self._loader()))
         self.engine.train()
+        stop = False
         try:
-            while self.progress.step < end:
+            while self.progress.step < end and not stop:
                 k, epoch, start = self.progress.step, self.progress.data_position.epoch, time.perf_counter()
                 metrics, tokens, bad_loss = self._micro_steps(batches, k)
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
-                reason, grad_norm = self.skips.step(self.engine, bad_loss)
+                reason, grad_norm, stop = self.skips.step(self.engine, bad_loss, self.stop.requested(k + 1))
                 seconds = time.perf_counter() - start
                 self.progress = self.progress.after_step(self.global_batch, len(self.train_set),
                                                          skipped=reason is not None)
@@ -122,12 +151,12 @@ class Trainer:
                          evaluation=evaluation)
                 if (error := self.skips.streak_error(step, self.checkpointer.last)) is not None:
                     raise TrainingError(error)
-                if self.checkpointer.due(step, end):
+                if self.checkpointer.due(step, end) or stop:
                     self.checkpointer.save(self.progress)
         finally:
             log.close()
         return {"step": self.progress.step, "skipped_steps": self.progress.skipped_steps,
-                "last_checkpoint": self.checkpointer.last}
+                "last_checkpoint": self.checkpointer.last, "stopped_on_signal": stop and self.progress.step < end}
 
     def _loader(self) -> DataLoader:
         """This rank's micro-batches from the current data position on."""

@@ -7,7 +7,7 @@ launcher and DeepSpeed start-up once:
 
 (with the repository on PYTHONPATH; an optional third argument runs only the named scenarios.)
 
-Every rank writes OUT_DIR/<scenario>_w<world>_rank<r>.json; test_engine_multirank.py asserts on
+Every rank writes OUT_DIR/<scenario>_w<world>_rank<r>.json; test_trainer.py asserts on
 them. The first failing scenario ends the job (the other rank may wait in a collective). Runs
 use a tiny cycle_vae model in fp32 unless said otherwise, global batch 4 (2 ranks x 1 micro-step
 x 2, or 1 rank x 2 micro-steps x 2), and 9 training samples (2 steps per epoch), so 6 steps cross
@@ -31,8 +31,9 @@ from lgdlm_ds.config import load_config
 from lgdlm_ds.ds_config import load_ds_config
 from lgdlm_ds.metrics import LOG_NAME
 from lgdlm_ds.trainer import Trainer, TrainingError
+from core_utils import SMOKE
+from engine_utils import ds_json
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 TINY = ["model.vocab_size=128", "model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=2",
         "model.max_seq_len=16", "model.latent_dim=8", "model.attn_heads=2", "model.attn_dim_head=16",
@@ -45,24 +46,11 @@ TINY = ["model.vocab_size=128", "model.hidden_size=32", "model.cond_dim=32", "mo
         "logging.log_every=1", "logging.save_every=0", "logging.progress_bar=false"]
 
 
-def ds_json(out: Path, stage: int, bf16: bool = False, trace_warnings: bool = False) -> str:
-    """The shipped JSON of that stage, with precision switched as asked."""
-    src = {0: "zero0.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}[stage]
-    ds = json.loads((ROOT / "ds_configs" / src).read_text())
-    ds["bf16"]["enabled"] = bf16
-    if trace_warnings:
-        ds["zero_optimization"]["log_trace_cache_warnings"] = True
-    path = out / f"zero{stage}{'_bf16' if bf16 else ''}{'_trace' if trace_warnings else ''}_rank{os.environ['RANK']}.json"
-    path.write_text(json.dumps(ds))  # one file per rank: two ranks writing one file race
-    return str(path)
-
-
 def make(out: Path, name: str, ds: str, *extra: str, world: int, poison=None) -> Trainer:
     accumulation = 2 // world  # global batch 4 whatever the world size
-    cfg = load_config(ROOT / "recipes/00_smoke/recipe.yaml",
-                      TINY + [f"training.ds_config={ds}", f"logging.run_dir={out / name}",
-                              "training.micro_batch_size=2", f"training.gradient_accumulation_steps={accumulation}",
-                              *extra])
+    cfg = load_config(SMOKE, TINY + [f"training.ds_config={ds}", f"logging.run_dir={out / name}",
+                                     "training.micro_batch_size=2",
+                                     f"training.gradient_accumulation_steps={accumulation}", *extra])
     return Trainer(cfg, load_ds_config(cfg), poison=poison)
 
 

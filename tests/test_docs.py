@@ -17,16 +17,14 @@ import dataclasses
 import difflib
 import fnmatch
 import re
-from pathlib import Path
 
 import pytest
 
 from lgdlm_ds.config import MODES, Config
 from lgdlm_ds.evaluate import evaluate
 from lgdlm_ds.metrics import LINE_KEYS
-from core_utils import tiny_batch, tiny_config, tiny_step
+from core_utils import ROOT, tiny_batch, tiny_config, tiny_step
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "ds_configs" / "README.md", *sorted((ROOT / "recipes").glob("**/README.md"))]
 SECTIONS = {f.name: {g.name for g in dataclasses.fields(getattr(Config(), f.name))} for f in dataclasses.fields(Config)}
 CONFIG_FIELDS = set().union(*SECTIONS.values())

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from lgdlm_ds.config import load_config
+from lgdlm_ds.config import ConfigError, load_config
 from lgdlm_ds.ds_config import load_ds_config
 from lgdlm_ds.plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, LatentTime, ObjectivePlan, Ramp
+from core_utils import tiny_batch, tiny_config, tiny_step
 
 
 def plan(*overrides: str) -> ObjectivePlan:
@@ -52,11 +53,11 @@ def test_latent_time_sampler():
     full = plan("loss.latent_t_mode=full").latent_time
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    assert (full.sample(5, "cpu") == 1).all() and full.largest == 1.0
+    assert (full.sample(5, "cpu", 0) == 1).all() and full.largest == 1.0
     assert torch.equal(torch.get_rng_state(), state)  # t = 1 draws nothing: later noise is unchanged
     rnd = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.3", "loss.cycle_latent_t_max=0.5").latent_time
     assert rnd == LatentTime("random", 0.3, 0.5) and rnd.largest == 0.5
-    t = rnd.sample(1000, "cpu")
+    t = rnd.sample(1000, "cpu", 0)
     assert t.shape == (1000,) and t.dtype == torch.float32 and 0.3 <= t.min() and t.max() <= 0.5
 
 
@@ -86,3 +87,73 @@ def test_model_calls_and_micro_steps(overrides, stages, passes, micro_steps, per
 def test_where_sampling_starts(overrides, decode_steps, t2l_start, t2l_steps):
     p = plan(*overrides)
     assert (p.decode_steps, p.t2l_start, p.t2l_steps) == (decode_steps, t2l_start, t2l_steps)
+
+
+def test_latent_time_curriculum_widens_the_range_from_near_one():
+    p = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.1", "loss.cycle_latent_t_max=1.0",
+             "loss.cycle_latent_t_min_start=0.9", "loss.latent_t_curriculum_steps=100")
+    lt = p.latent_time
+    assert [lt.low(s) for s in (0, 50, 100, 10**6)] == pytest.approx([0.9, 0.5, 0.1, 0.1])
+    torch.manual_seed(0)
+    for step, low in ((0, 0.9), (50, 0.5), (200, 0.1)):
+        t = lt.sample(4000, "cpu", step)
+        assert t.dtype == torch.float32 and low <= t.min() < low + 0.01 and 0.99 < t.max() <= 1.0
+    assert (p.t2l_start, p.t2l_steps) == (1.0, DDIM_STEPS)  # the upper bound, whatever the step
+
+
+def test_without_a_curriculum_the_range_is_whole_from_the_start():
+    lt = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min_start=0.5").latent_time
+    assert lt == LatentTime("random", 0.0, 0.98) and lt.low(0) == 0.0
+
+
+def test_training_draws_the_curriculums_latent_times():
+    cfg = tiny_config("loss.loss_type=t2l", "loss.latent_t_mode=random", "loss.cycle_latent_t_max=1.0",
+                      "loss.cycle_latent_t_min_start=0.8", "loss.latent_t_curriculum_steps=10")
+    step = tiny_step(cfg)
+    batch = tiny_batch(cfg)
+    assert step(batch, 0)[1]["t_lat_mean"] >= 0.8
+    assert step(batch, 10**3)[1]["t_lat_mean"] < 0.8
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.latent_t_curriculum_steps=10"], "loss.latent_t_curriculum_steps"),  # latent_t_mode full
+    (["loss.latent_t_mode=random", "loss.latent_t_curriculum_steps=-1"], "loss.latent_t_curriculum_steps"),
+    (["loss.latent_t_mode=random", "loss.latent_t_curriculum_steps=10", "loss.cycle_latent_t_min_start=0.98"],
+     "loss.cycle_latent_t_min_start"),
+    (["loss.latent_t_mode=random", "loss.latent_t_curriculum_steps=10", "loss.cycle_latent_t_min=0.5",
+      "loss.cycle_latent_t_min_start=0.4"], "loss.cycle_latent_t_min_start"),
+])
+def test_bad_curricula_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, overrides)
+
+
+def test_ramp_schedule():
+    assert [Ramp(0.5, 10, 20).at(s) for s in (0, 9, 10, 15, 20, 30, 100)] == [0, 0, 0, 0.125, 0.25, 0.5, 0.5]
+    assert [Ramp(0.5, 3, 0).at(s) for s in (0, 2, 3, 4)] == [0, 0, 0.5, 0.5]
+
+
+def test_latent_time_sampling_modes():
+    full = ObjectivePlan.from_config(tiny_config("loss.latent_t_mode=full")).latent_time
+    assert (full.sample(100, "cpu", 0) == 1).all()
+    cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6")
+    torch.manual_seed(0)
+    t = ObjectivePlan.from_config(cfg).latent_time.sample(10000, "cpu", 0)
+    assert t.dtype == torch.float32 and t.min() >= 0.2 and t.max() <= 0.6
+    assert abs(t.mean().item() - 0.4) < 0.01 and t.min() < 0.21 and t.max() > 0.59
+
+
+def test_random_mode_is_the_same_on_every_rank_and_follows_weights():
+    cfg = tiny_config("loss.loss_type=random", "training.mode_weights={l2t: 1, t2l: 3}")
+    picks = [ObjectivePlan.from_config(cfg).mode_at(s) for s in range(4000)]
+    assert picks == [ObjectivePlan.from_config(cfg).mode_at(s) for s in range(4000)]  # a function of (seed, step) only
+    assert set(picks) == {"l2t", "t2l"} and abs(picks.count("t2l") / 4000 - 0.75) < 0.03
+    other_seed = tiny_config("loss.loss_type=random", "training.mode_weights={l2t: 1, t2l: 3}", "training.seed=1")
+    assert picks != [ObjectivePlan.from_config(other_seed).mode_at(s) for s in range(4000)]
+
+
+def test_sequential_schedule_cycles_by_step():
+    cfg = tiny_config("loss.loss_type=sequential", "loss.latent_t_mode=random",
+                      "training.mode_schedule=[{type: l2t, steps: 2}, {type: unconditional, steps: 1}]")
+    plan = ObjectivePlan.from_config(cfg)
+    assert [plan.mode_at(s) for s in range(7)] == ["l2t", "l2t", "unconditional"] * 2 + ["l2t"]

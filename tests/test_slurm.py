@@ -2,7 +2,8 @@
 machine): launch/slurm_multinode.sbatch and launch/slurm_srun.sbatch each train the smoke recipe for
 a few steps on one node and on two nodes, one CPU rank per node, submitted the way their comments
 tell a CPU-only cluster to. Each job spends about a minute starting up, so the four jobs run
-together, once, for all the tests here. Skipped, saying how to run them, without root or SLURM."""
+together, once, for all the tests here. Then one more job of the srun template, stopped by SIGUSR1,
+requeued and resumed. Skipped, saying how to run them, without root or SLURM."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from engine_utils import RUN, SYNTHETIC, free_port
+from lgdlm_ds.metrics import LOG_NAME
 from lgdlm_ds.slurm_env import expand_hostlist
-from slurm_cluster import Cluster, why_unavailable
+from slurm_cluster import FINAL_STATES, Cluster, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "recipes/00_smoke/recipe.yaml"
@@ -120,3 +123,90 @@ def test_template_trains_the_smoke_recipe(jobs, cluster, template, nodes):
     if template == "slurm_multinode":
         hostfile = ROOT / "logs" / f"lgdlm-test-{template}-{nodes}n-{job_id}.hostfile"
         assert hostfile.read_text().splitlines() == [f"{n} slots=1" for n in cluster.nodes[:nodes]]
+
+
+PREEMPT_STEPS = 100
+PREEMPT_RUN = [*RUN, *SYNTHETIC, "data.path=", "data.standardize_latents=false", "data.num_samples=9",
+               "data.val_fraction=0.5", "training.micro_batch_size=2", f"training.num_train_steps={PREEMPT_STEPS}",
+               "training.eval_every=0", "logging.save_every=0"]
+
+
+def _follow_stopped_job(cluster: Cluster, job_id: str, log_file: Path, timeout: float) -> tuple[dict, list[str]]:
+    """Sends SIGUSR1 to the job's batch shell once its ranks logged step 2, releases the requeued job
+    from SLURM's requeue hold (about 2 minutes) and waits for its end. Returns its final record and
+    the states it went through. The release waits 3 s: slurmd refuses to start a job again within
+    the second its previous run's credential was revoked ("Job credential revoked": FAILED)."""
+    states, signalled, pending_since = [], False, None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job_id)
+        if not states or states[-1] != info["JobState"]:
+            states.append(info["JobState"])
+        if info["JobState"] in FINAL_STATES:
+            return info, states
+        if not signalled and log_file.exists() and log_file.read_text().count("\n") >= 2:
+            proc = cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+            assert proc.returncode == 0, proc.stderr
+            signalled = True
+        if signalled and info["JobState"] == "PENDING":
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since > 3:
+                cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still {states[-1]} after {timeout:.0f} s (states: {states})")
+
+
+def test_srun_job_stopped_by_usr1_requeues_itself_and_resumes_exactly(cluster, tmp_path):
+    """A two-node job of launch/slurm_srun.sbatch, one rank per node, gets SIGUSR1 in its batch shell
+    once the ranks logged step 2 (`scancel --batch --signal=USR1`: what --signal=B:USR1@N sends
+    before the time limit). The template passes it on to both ranks, which save after the same step
+    and exit 3; the job requeues itself, resumes and completes. Its loss per step (the log's last
+    line per step) equals that of an uninterrupted run of the same recipe and world size under the
+    DeepSpeed launcher, run here meanwhile."""
+    run_dir, reference_dir = tmp_path / "job", tmp_path / "reference"
+    (ROOT / "logs").mkdir(exist_ok=True)
+    job_id = cluster.submit("--job-name=lgdlm-test-preempt", "--partition=both", "--nodes=2", "--gpus-per-node=0",
+                            "--ntasks-per-node=1", "--cpus-per-task=1", "launch/slurm_srun.sbatch", RECIPE,
+                            *PREEMPT_RUN, f"logging.run_dir={run_dir}", env=_job_env(), cwd=ROOT)
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+         "--module", "lgdlm_ds.train", RECIPE, *PREEMPT_RUN, f"logging.run_dir={reference_dir}"],
+        cwd=ROOT, env=_job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        info, states = _follow_stopped_job(cluster, job_id, run_dir / LOG_NAME, timeout=1200)
+        log = Path(info["StdOut"]).read_text()
+        reference_output = reference.communicate(timeout=600)[0]
+    finally:
+        cluster.run("scancel", job_id)
+        reference.kill()
+        for f in (ROOT / "logs").glob(f"*-{job_id}.*"):
+            f.unlink()
+        with contextlib.suppress(OSError):
+            (ROOT / "logs").rmdir()
+    print(f"job {job_id}: states {' -> '.join(states)}")
+    context = f"states {states}:\n{log[-6000:]}"
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), context
+    assert states.count("RUNNING") == 2, context
+    assert reference.returncode == 0, reference_output[-6000:]
+
+    stopped = re.search(r"stopped on a signal after step (\d+); (\S+) is complete", log)
+    assert stopped, f"no stop (did the run end before the signal came? then raise PREEMPT_STEPS): {context}"
+    stop_step = int(stopped.group(1))
+    assert 2 <= stop_step < PREEMPT_STEPS and log.count("stopped on a signal") == 1, context
+    assert stopped.group(2) == str(run_dir / "checkpoints" / f"global_step{stop_step}")
+    for line in (f"== job {job_id} attempt 0", "[job] SIGUSR1: asking the ranks to save and stop",
+                 f"[job] training stopped after saving: requeueing job {job_id}", f"== job {job_id} attempt 1",
+                 "[job] srun exit status 0"):
+        assert line in log, (line, context)
+
+    lines = [json.loads(x) for x in (run_dir / LOG_NAME).read_text().splitlines()]
+    # attempt 0 logged up to the step it saved after, attempt 1 went on from the next one
+    assert [line["step"] for line in lines] == list(range(1, PREEMPT_STEPS + 1)), context
+    reference_lines = [json.loads(x) for x in (reference_dir / LOG_NAME).read_text().splitlines()]
+    assert [line["step"] for line in reference_lines] == list(range(1, PREEMPT_STEPS + 1))
+    print(f"stopped after step {stop_step}; loss at steps {stop_step}, {stop_step + 1}, {PREEMPT_STEPS}: "
+          f"{[lines[i - 1]['loss'] for i in (stop_step, stop_step + 1, PREEMPT_STEPS)]} (job), "
+          f"{[reference_lines[i - 1]['loss'] for i in (stop_step, stop_step + 1, PREEMPT_STEPS)]} (reference)")
+    for key in ("loss", "lr", "grad_norm", "epoch"):
+        assert [line[key] for line in lines] == [line[key] for line in reference_lines], key
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{PREEMPT_STEPS}"

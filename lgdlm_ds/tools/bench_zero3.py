@@ -1,6 +1,6 @@
 """ZeRO-3 parameter traffic of one cycle_vae step: naive four calls vs the stage-fused path.
 
-Launched by ``lgdlm_ds.bench`` as ``deepspeed --num_gpus 2 --module lgdlm_ds.bench_zero3``.
+Launched by ``lgdlm_ds.tools.bench`` as ``deepspeed --num_gpus 2 --module lgdlm_ds.tools.bench_zero3``.
 With ``stage3_max_reuse_distance: 0`` (what a model too large to stay gathered gets) every
 forward call of a module re-gathers its parameters, so the forward all-gather volume per step is
 (number of model calls) x model size. DeepSpeed's comms logger counts the all-gathers; the first
@@ -16,9 +16,9 @@ import torch
 from deepspeed import comm as dist
 from torch.utils.data import default_collate
 
+from ..data import SyntheticDataset
+from ..model import build_model
 from .bench import Sizes, bench_config, make_step
-from .data import SyntheticDataset
-from .model import build_model
 
 
 def _allgather_totals() -> tuple[int, int]:

@@ -1,14 +1,8 @@
+"""The text absorbing-mask schedule and the latent Gaussian diffusion."""
 import pytest
 import torch
 
 from lgdlm_ds.diffusion import LatentDiffusion, mask_probability, mask_tokens
-from lgdlm_ds.plan import ObjectivePlan, Ramp
-from core_utils import tiny_config
-
-
-def test_ramp_schedule():
-    assert [Ramp(0.5, 10, 20).at(s) for s in (0, 9, 10, 15, 20, 30, 100)] == [0, 0, 0, 0.125, 0.25, 0.5, 0.5]
-    assert [Ramp(0.5, 3, 0).at(s) for s in (0, 2, 3, 4)] == [0, 0, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -71,13 +65,3 @@ def test_mask_probability_and_padding():
     rate = masked[:, :200].float().mean().item()
     assert abs(rate - 0.3) < 0.01  # 12800 Bernoulli(0.3) draws: std 0.004
     assert not masked[:, 200:].any() and (noisy[~masked] == tokens[~masked]).all() and (noisy[masked] == 7).all()
-
-
-def test_latent_time_sampling_modes():
-    full = ObjectivePlan.from_config(tiny_config("loss.latent_t_mode=full")).latent_time
-    assert (full.sample(100, "cpu") == 1).all()
-    cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.2", "loss.cycle_latent_t_max=0.6")
-    torch.manual_seed(0)
-    t = ObjectivePlan.from_config(cfg).latent_time.sample(10000, "cpu")
-    assert t.dtype == torch.float32 and t.min() >= 0.2 and t.max() <= 0.6
-    assert abs(t.mean().item() - 0.4) < 0.01 and t.min() < 0.21 and t.max() > 0.59
