@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import BASE_MODES, Config
+from .seeding import derive_seed
 
 # Default L2T unmasking steps for a run that trained on partly masked text, and default DDIM steps
 # for a run that trained T2L at more than one latent time.
@@ -108,7 +109,7 @@ class ObjectivePlan:
         every rank picks the same mode; sequential cycles the schedule, in training and evaluation."""
         if self.loss_type == "random":
             modes, weights = zip(*self.mode_weights)
-            return random.Random(f"{self.seed}:{step}").choices(modes, weights)[0]
+            return random.Random(derive_seed(self.seed, "mode", step)).choices(modes, weights)[0]
         if self.loss_type == "sequential":
             pos = step % sum(steps for _, steps in self.mode_schedule)
             for mode, steps in self.mode_schedule:

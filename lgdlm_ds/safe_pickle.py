@@ -12,10 +12,12 @@ an older ``checkpoint.pt``, a DeepSpeed checkpoint read by evaluate, sample, exp
 - numpy arrays, dtypes and scalars (DeepSpeed's client state holds numpy's RNG state);
 - the three DeepSpeed classes its ZeRO checkpoints hold (``ALLOWED``).
 
-A name that does not exist here (the older trainer pickled its training state as a dataclass of a
-module this package does not have) becomes an inert ``Unavailable`` placeholder, which is never
-imported or called and is recorded in ``Loaded.unavailable``. Any other name that exists here is
-refused with ``UnsafePickleError`` naming it, before it is called.
+Any other name becomes an inert ``Unavailable`` placeholder, recorded in ``Loaded.unavailable``:
+the older trainer pickled its training state as a dataclass, whose class this package does not
+have (or, where the older code is installed, must not import). A placeholder is never imported;
+building an instance the way pickle rebuilds a dataclass (``__new__``, then its state) runs nothing
+and drops the state. Calling a name is how a pickle runs code (``os.system(...)``), so calling the
+placeholder of a name that exists here raises ``UnsafePickleError`` naming it, before anything ran.
 
 Not covered: a run resuming from its own checkpoints (``training.resume``) goes through DeepSpeed's
 ``load_checkpoint``, which unpickles fully; those files are the run's own output.
@@ -118,13 +120,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         qualified = f"{module}.{name}"
-        if _exists(module, name):
-            raise UnsafePickleError(f"the file names {qualified}, which unpickling would call; only tensors, "
-                                    "containers, numpy arrays and DeepSpeed's checkpoint classes are admitted, "
-                                    "so it was refused before anything ran. Do not use a file you cannot trust; "
-                                    "ask for its weights as .safetensors.")
         self.unavailable.append(qualified)
-        return type(name, (Unavailable,), {"pickled_as": qualified, "__module__": __name__})
+        placeholder = {"pickled_as": qualified, "__module__": __name__}
+        if _exists(module, name):
+            placeholder["__init__"] = _refuse_call
+        return type(name, (Unavailable,), placeholder)
+
+
+def _refuse_call(self, *args, **kwargs):
+    """``__init__`` of the placeholder of a name that exists here: reached when the pickle calls the
+    name (pickle rebuilds a dataclass with ``__new__`` alone)."""
+    raise UnsafePickleError(f"the file names {self.pickled_as}, which unpickling would call; only tensors, "
+                            "containers, numpy arrays and DeepSpeed's checkpoint classes are admitted, so it was "
+                            "refused before anything ran. Do not use a file you cannot trust; ask for its weights "
+                            "as .safetensors.")
 
 
 def _pickle_module(unavailable: list[str]) -> types.ModuleType:

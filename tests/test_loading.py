@@ -114,9 +114,10 @@ def _outputs(model, batch):
 SCHEDULE_BUFFERS = ("text_noise_schedule.log_prior", "text_noise_schedule.log_gamma", "text_noise_schedule.log_B")
 
 
-def _older_checkpoint(path, source, tmp_path, monkeypatch, state_dict=None):
+def _older_checkpoint(path, source, tmp_path, monkeypatch, state_dict=None, keep_code=False):
     """``path`` in the older trainer's checkpoint.pt layout, its ``state`` a dataclass of a module
-    that is gone (from sys.modules and from disk) when the file is read."""
+    that is gone (from sys.modules and from disk) when the file is read, or, with ``keep_code``,
+    still installed."""
     code = tmp_path / "older_code"
     code.mkdir(exist_ok=True)
     (code / "older_lgdlm_trainer.py").write_text(
@@ -128,6 +129,8 @@ def _older_checkpoint(path, source, tmp_path, monkeypatch, state_dict=None):
     optimizer = torch.optim.AdamW(source.parameters())
     torch.save({"model_state_dict": model_state, "optimizer_state_dict": optimizer.state_dict(),
                 "state": older_lgdlm_trainer.TrainingState(), "config": None}, path)
+    if keep_code:
+        return path
     shutil.rmtree(code)
     monkeypatch.delitem(sys.modules, "older_lgdlm_trainer")
     importlib.invalidate_caches()
@@ -321,3 +324,16 @@ def test_a_resumed_run_does_not_apply_init_from_again(tmp_path, world_of_one, ca
     # A run's DeepSpeed checkpoint is itself a source.
     warm = build_model(dataclasses.replace(cfg.model, init_from=str(run)))
     assert all(torch.equal(v, read_weights(run, cfg)[k]) for k, v in warm.state_dict().items())
+
+
+def test_older_checkpoint_reads_while_the_older_code_is_installed(tmp_path, monkeypatch):
+    """The older trainer's state class exists here: its dataclass is read past as a placeholder, never
+    built by the real class, and the weights load; calling an existing name stays refused (above)."""
+    cfg = tiny_config()
+    source = _source_model(cfg)
+    path = _older_checkpoint(tmp_path / "checkpoint.pt", source, tmp_path, monkeypatch, keep_code=True)
+    import older_lgdlm_trainer
+    monkeypatch.setattr(older_lgdlm_trainer.TrainingState, "__setstate__",
+                        lambda self, state: pytest.fail("the real class was used"), raising=False)
+    state = read_weights(path, cfg)
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())

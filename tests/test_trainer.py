@@ -193,14 +193,16 @@ SIGNAL_RUN = [*RUN, *SYNTHETIC, "data.path=", "data.standardize_latents=false", 
 
 
 def _train(run_dir: Path, *overrides: str, signal_at: str | None = None, ranks: int = 0) -> subprocess.Popen:
-    """``python -m lgdlm_ds.train`` of SIGNAL_RUN, started: a plain process, or ``ranks`` ranks under
-    the DeepSpeed launcher. The in-process engine tests' rank variables stay out."""
+    """``python -m lgdlm_ds.train`` of SIGNAL_RUN, started: a plain process, or ``ranks`` ranks through
+    launch/train.sh (the DeepSpeed launcher, in this environment). The in-process engine tests' rank
+    variables stay out."""
     env = {k: v for k, v in os.environ.items() if k not in WORLD_KEYS and k != HOOK}
     env.update(OMP_NUM_THREADS="1", DEEPSPEED_TIMEOUT="5", **({HOOK: signal_at} if signal_at else {}))
-    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                "--module"] if ranks else ["-m"]
-    cmd = [sys.executable, *launcher, "lgdlm_ds.train", "recipes/00_smoke/recipe.yaml", *SIGNAL_RUN,
-           f"logging.run_dir={run_dir}", *overrides]
+    if ranks:
+        env.update(NUM_GPUS=str(ranks), MASTER_PORT=str(free_port()), LGDLM_NO_VENV="1",
+                   PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    launcher = ["bash", "launch/train.sh"] if ranks else [sys.executable, "-m", "lgdlm_ds.train"]
+    cmd = [*launcher, "recipes/00_smoke/recipe.yaml", *SIGNAL_RUN, f"logging.run_dir={run_dir}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
