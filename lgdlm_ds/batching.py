@@ -12,7 +12,7 @@ run continues where the interrupted one stopped, also on another number of ranks
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -38,9 +38,6 @@ class DataPosition:
     def advance(self, global_batch: int, dataset_len: int) -> "DataPosition":
         """Position after one step consumed ``global_batch`` samples."""
         return DataPosition(self.epoch, self.epoch_samples + global_batch).normalized(global_batch, dataset_len)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def epoch_permutation(dataset_len: int, seed: int, epoch: int) -> torch.Tensor:

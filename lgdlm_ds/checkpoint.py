@@ -82,19 +82,25 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
          barrier: Callable[[], None]) -> Path:
     """Collective: call on every rank. Returns the checkpoint folder."""
     tag = tag_for(step)
+    # A run resumed from an older step saves over a tag it left behind: that folder must stop
+    # counting as complete before any rank rewrites it.
+    if is_rank0:
+        (ckpt_dir / tag / MARKER).unlink(missing_ok=True)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()
     if is_rank0:
         write_atomic(ckpt_dir / tag / MARKER, json.dumps({"step": step}))
         write_atomic(ckpt_dir / POINTER, tag)
-        rotate(ckpt_dir, keep_last)
+        rotate(ckpt_dir, keep_last, tag)
     barrier()  # nobody reads the pointer before it is written
     return ckpt_dir / tag
 
 
-def rotate(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; remove older ones and partial folders."""
-    keep = set(complete_tags(ckpt_dir)[-keep_last:])
+def rotate(ckpt_dir: Path, keep_last: int, saved: str) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints and ``saved``, the one just written (a run
+    resumed from an older step saves below the newest); remove the others and partial folders."""
+    keep = set(complete_tags(ckpt_dir)[-keep_last:]) | {saved}
     for d in ckpt_dir.glob("global_step*"):
         if d.is_dir() and d.name not in keep:
             shutil.rmtree(d)

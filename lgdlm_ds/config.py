@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from .fileio import write_atomic
+
 MODES = ("l2t", "t2l", "unconditional", "random", "sequential", "cycle_vae")
 BASE_MODES = ("l2t", "t2l", "unconditional")
 
@@ -387,7 +389,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _require(cond: bool, key: str, message: str) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from . import cli
 from .config import save_config
+from .fileio import write_atomic
 from .loading import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, LoadError, load
 from .model import upstream_state_dict
 
@@ -56,7 +57,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, upstrea
         torch.save({"model_state_dict": upstream_state_dict(model)}, out / UPSTREAM_FILE)
         files.append(UPSTREAM_FILE)
     # Written last: a directory with export.json is a complete export.
-    (out / EXPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    write_atomic(out / EXPORT_FILE, json.dumps(info, indent=1) + "\n")
     return {"out": str(out), "step": loaded.step, "source": loaded.source, "files": files,
             "num_parameters": info["num_parameters"]}
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
+from .fileio import write_atomic
 
 
 def write_run_files(cfg: Config, ds_config: dict, run_dir: Path, world: int, accelerator: str) -> None:
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    write_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
     lines = [f"== start {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
              f"host: {socket.gethostname()}", f"platform: {platform.platform()}",
              f"python: {sys.version.split()[0]}", f"world_size: {world}",

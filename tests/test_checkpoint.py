@@ -19,8 +19,16 @@ def test_rotation_keeps_the_newest_complete_and_drops_partial(tmp_path):
     for step in (10, 20, 30):
         _fake_tag(tmp_path, step)
     _fake_tag(tmp_path, 25, complete=False)
-    checkpoint.rotate(tmp_path, keep_last=2)
+    checkpoint.rotate(tmp_path, keep_last=2, saved="global_step30")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step20", "global_step30"]
+
+
+def test_rotation_keeps_the_checkpoint_just_saved_below_the_newest(tmp_path):
+    """A run resumed from step 10 saves step 11 while steps 20 and 30 remain from before."""
+    for step in (10, 11, 20, 30):
+        _fake_tag(tmp_path, step)
+    checkpoint.rotate(tmp_path, keep_last=1, saved="global_step11")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step11", "global_step30"]
 
 
 def test_resume_targets(tmp_path):
