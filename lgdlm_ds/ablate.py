@@ -37,6 +37,7 @@ import yaml
 
 from . import cli
 from .config import ConfigError, load_config
+from .fileio import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ablations" / "recipe.yaml"
@@ -169,9 +170,9 @@ def ablate(args: argparse.Namespace) -> int | None:
         rows.append({"run": run.name, "overrides": run.overrides, "run_dir": str(run.run_dir),
                      "evaluation": evaluate(run), "last_log": last_log_line(run)})
     out.mkdir(parents=True, exist_ok=True)
-    (out / TABLE_MD).write_text(markdown(rows, recipe))
-    (out / TABLE_JSON).write_text(json.dumps({"recipe": str(recipe), "launcher": args.launcher, "steps": args.steps,
-                                              "overrides": args.overrides, "runs": rows}, indent=1) + "\n")
+    write_atomic(out / TABLE_MD, markdown(rows, recipe))
+    write_atomic(out / TABLE_JSON, json.dumps({"recipe": str(recipe), "launcher": args.launcher, "steps": args.steps,
+                                               "overrides": args.overrides, "runs": rows}, indent=1) + "\n")
     print(json.dumps({"markdown": str(out / TABLE_MD), "json": str(out / TABLE_JSON), "runs": [r.name for r in runs]}))
 
 

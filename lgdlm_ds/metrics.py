@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, config_to_dict
+from .fileio import write_atomic
 
 LOG_NAME = "training_log.jsonl"
 LINE_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "skipped_steps", "samples_per_sec", "tokens_per_sec",
@@ -135,7 +136,7 @@ class MetricsLogger:
         import wandb
         id_file = run_dir / "wandb_id.txt"  # the same W&B run across resumes
         if not id_file.is_file():
-            id_file.write_text(uuid.uuid4().hex[:12])
+            write_atomic(id_file, uuid.uuid4().hex[:12])
         return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or run_dir.name,
                           id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
                           mode=wandb_mode(), config=config_to_dict(cfg))
