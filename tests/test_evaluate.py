@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed
 from torch.utils.data import default_collate
 
 from lgdlm_ds import evaluate as evaluate_cli
@@ -69,6 +70,10 @@ def _two_rank_job(out: Path) -> None:
     metrics = evaluate(trainer.engine, trainer.cfg, [default_collate([val[i] for i in idx]) for idx in index],
                        **EVAL_SETTINGS)
     (out / f"rank{trainer.rank}.json").write_text(json.dumps({"index": index, "metrics": metrics}))
+    # Both ranks end the process group together: left to interpreter exit, one rank's communication
+    # threads were once torn down while the other's were still in use ("terminate called", SIGABRT).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_evaluate_averages_over_ranks(tmp_path):
