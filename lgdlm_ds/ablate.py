@@ -130,7 +130,7 @@ def evaluate(run: Run) -> dict:
 
 
 def last_log_line(run: Run) -> dict:
-    from .tools.plot import read_log
+    from .metrics import read_log
     return read_log(run.run_dir)[-1]
 
 

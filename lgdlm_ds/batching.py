@@ -7,6 +7,15 @@ micro-batch grouping and slot ids (which also seed the step's noise, see trainer
 G, not on how it is split over ranks and accumulation: 2 ranks x 1 micro-step and 1 rank x 2
 micro-steps train on the same micro-batches. An epoch's tail shorter than G is dropped.
 
+With ``data.length_buckets`` K > 0 the epoch keeps the same samples (and drops the same tail) but
+reorders them so that a micro-batch holds sentences of similar length: a batch is trimmed only to
+its longest row, so in a mixed batch most positions are padding that every model pass pays for.
+The kept part of the permutation is cut into runs of K global batches, each run is sorted by
+length (stable: ties keep the permutation's order) and cut back into K global batches, one length
+bucket each, and the epoch's global batches are then shuffled (seeded by (seed, epoch) too), so
+the length of the next step stays random while the samples of one step, and so the ranks of one
+step, have similar lengths. Still a function of G alone.
+
 The data position is (epoch, samples of that epoch consumed by all ranks together), so a resumed
 run continues where the interrupted one stopped, also on another number of ranks.
 """
@@ -44,29 +53,61 @@ def epoch_permutation(dataset_len: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(dataset_len, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
 
 
+def epoch_order(dataset_len: int, seed: int, epoch: int, global_batch: int,
+                lengths: torch.Tensor | None = None, length_buckets: int = 0) -> torch.Tensor:
+    """The epoch's samples in training order: its permutation, or with ``length_buckets`` K > 0 and
+    ``lengths`` (real tokens per sample) the length-bucketed order of the module docstring. The
+    tail of fewer than ``global_batch`` samples stays last, in permutation order."""
+    perm = epoch_permutation(dataset_len, seed, epoch)
+    if not length_buckets:
+        return perm
+    used = dataset_len // global_batch * global_batch
+    kept = perm[:used]
+    run = torch.arange(used) // (length_buckets * global_batch)
+    # One stable sort orders by run first, then by length within the run.
+    by_length = kept[torch.sort(run * (int(lengths.max()) + 1) + lengths[kept], stable=True).indices]
+    batches = by_length.view(-1, global_batch)
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(
+        derive_seed(seed, "length_buckets", epoch)))
+    return torch.cat([batches[shuffle].flatten(), perm[used:]])
+
+
+def check_global_batch(dataset_len: int, world: int, accumulation: int, micro_batch: int) -> None:
+    """Refuse a training split smaller than one global batch: no step could be filled."""
+    if world * accumulation * micro_batch > dataset_len:
+        raise DataError(f"the training split has {dataset_len} samples, fewer than one global batch of "
+                        f"{world * accumulation * micro_batch} (training.micro_batch_size {micro_batch} x "
+                        f"training.gradient_accumulation_steps {accumulation} x world size {world}). Lower those "
+                        "keys, or train on more samples.")
+
+
 class StepBatches(Sampler[list[int]]):
-    """This rank's micro-batches (lists of dataset indices), endlessly, from ``start`` on."""
+    """This rank's micro-batches (lists of dataset indices), endlessly, from ``start`` on. With
+    ``length_buckets`` > 0, ``lengths`` gives the real tokens of every sample."""
 
     def __init__(self, dataset_len: int, seed: int, world: int, rank: int, accumulation: int,
-                 micro_batch: int, start: DataPosition):
+                 micro_batch: int, start: DataPosition, lengths: torch.Tensor | None = None,
+                 length_buckets: int = 0):
         self.n, self.seed = dataset_len, seed
         self.world, self.rank, self.accumulation, self.micro = world, rank, accumulation, micro_batch
         self.global_batch = world * accumulation * micro_batch
-        if self.global_batch > dataset_len:
-            raise DataError(f"the training split has {dataset_len} samples, fewer than one global batch "
-                             f"({world} ranks x {accumulation} accumulation x {micro_batch} micro-batch).")
+        check_global_batch(dataset_len, world, accumulation, micro_batch)
+        self.lengths, self.length_buckets = lengths, length_buckets
         self.start = start.normalized(self.global_batch, dataset_len)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return epoch_order(self.n, self.seed, epoch, self.global_batch, self.lengths, self.length_buckets)
 
     def __iter__(self) -> Iterator[list[int]]:
         pos = self.start
-        perm = epoch_permutation(self.n, self.seed, pos.epoch)
+        order = self._order(pos.epoch)
         while True:
             for m in range(self.accumulation):
                 first = pos.epoch_samples + (m * self.world + self.rank) * self.micro
-                yield perm[first:first + self.micro].tolist()
+                yield order[first:first + self.micro].tolist()
             nxt = pos.advance(self.global_batch, self.n)
             if nxt.epoch != pos.epoch:
-                perm = epoch_permutation(self.n, self.seed, nxt.epoch)
+                order = self._order(nxt.epoch)
             pos = nxt
 
 
@@ -79,6 +120,15 @@ def eval_batches(dataset_len: int, world: int, rank: int, micro_batch: int, max_
                          f"rank ({world} ranks x {micro_batch}); raise data.val_fraction or turn training.eval_every off.")
     return [list(range((e * world + rank) * micro_batch, (e * world + rank + 1) * micro_batch))
             for e in range(min(max_batches, available))]
+
+
+def global_slots(slot: int, micro_batch: int, global_batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Where slot ``slot``'s samples sit in their step's global batch: ``global_index`` [micro_batch]
+    and ``global_batch_size``, added to its batch so that per-sample draws stratified over the
+    global batch (loss.text_time_antithetic) depend on G alone, like the slots."""
+    first = slot * micro_batch
+    return {"global_index": torch.arange(first, first + micro_batch, device=device),
+            "global_batch_size": torch.tensor(global_batch, device=device)}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ EPILOG = "exit status: 0 done, 1 failed while running, 2 bad input (one line 'er
 BAD_INPUT_ERRORS = frozenset({
     "lgdlm_ds.config.ConfigError", "lgdlm_ds.corpus.CorpusError", "lgdlm_ds.data.DataError",
     "lgdlm_ds.prepare.PrepareError", "lgdlm_ds.checkpoint.CheckpointError", "lgdlm_ds.loading.LoadError",
-    "lgdlm_ds.sample.SampleError", "lgdlm_ds.tools.plot.PlotError",
+    "lgdlm_ds.sample.SampleError", "lgdlm_ds.metrics.LogError",
 })
 FAILED_ERRORS = frozenset({"lgdlm_ds.trainer.TrainingError", "lgdlm_ds.cli.CommandFailed"})
 

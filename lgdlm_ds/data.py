@@ -121,9 +121,17 @@ class SyntheticDataset(CheckedDataset):
     def __len__(self) -> int:
         return self.length
 
-    def read(self, i: int) -> dict[str, torch.Tensor]:
+    def _draw_length(self, i: int) -> tuple[torch.Generator, int]:
+        """Sample i's generator and its length, the generator's first draw."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", self.offset + i))
-        n = int(torch.randint(max(1, self.seq_len // 4), self.seq_len + 1, (1,), generator=g))
+        return g, int(torch.randint(max(1, self.seq_len // 4), self.seq_len + 1, (1,), generator=g))
+
+    def sample_lengths(self) -> torch.Tensor:
+        """Real tokens of every sample [N] long, without drawing their tokens."""
+        return torch.tensor([self._draw_length(i)[1] for i in range(len(self))])
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        g, n = self._draw_length(i)
         ids = torch.randint(0, self.vocab - len(self.specials), (n,), generator=g)
         for s in self.specials:  # shift past the special ids so none is ever drawn
             ids += (ids >= s).long()
@@ -508,6 +516,12 @@ class PackedDataset(CheckedDataset):
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
+
+    def sample_lengths(self) -> torch.Tensor:
+        """Real tokens of every sample [N] long, from the shards' lengths.npy alone. A bad sample
+        that data.on_bad_sample: skip replaces keeps its own length here."""
+        return torch.from_numpy(np.concatenate([self._arrays(k)[1] for k in range(len(self.shard_names))])
+                                .astype(np.int64))
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         k = int(np.searchsorted(self.ends, i, side="right"))

@@ -21,6 +21,22 @@ def mask_probability(t: Tensor) -> Tensor:
     return (1.0 - MASK_EPS) * t.float().clamp(MASK_EPS, 1.0)
 
 
+def elbo_weight(t: Tensor) -> Tensor:
+    """Weight of a masked token's cross-entropy in the continuous-time MDLM bound (Sahoo et al.
+    2024, eq. 10): -alpha'(t) / (1 - alpha(t)) with alpha(t) = 1 - mask_probability(t) =
+    1 - (1 - 1e-4) t is exactly 1/t, the (1 - 1e-4) cancelling. Below t = 1e-4, where the mask
+    probability stops falling, the weight stays 1e4. The bound on -log p(text) is the sum over
+    masked tokens of weight x CE, averaged over t ~ U(0, 1)."""
+    return 1.0 / t.float().clamp(MASK_EPS, 1.0)
+
+
+def antithetic_times(noise: Tensor, index: Tensor, total: int) -> Tensor:
+    """Stratified ("antithetic", MDLM's antithetic_sampling) times: sample ``index`` j of a batch of
+    ``total`` gets (j + noise) / total, noise ~ U(0, 1) its own, so the batch covers [0, 1) with one
+    time per stratum of width 1/total: the same marginal U(0, 1), less variance of the batch mean."""
+    return ((index.double() + noise.double()) / total).float()
+
+
 def mask_tokens(tokens: Tensor, t: Tensor, real: Tensor, mask_token_id: int) -> tuple[Tensor, Tensor]:
     """Replace each real (non-padding) token by [MASK] independently with mask_probability(t).
     Returns (noisy tokens, bool [B,S] of masked positions). Padding is never masked."""

@@ -1,6 +1,6 @@
 """Held-out evaluation: what the model learned in each direction.
 
-    python -m lgdlm_ds.evaluate PATH [--tag TAG] [--batches N] [--untrained] [section.key=value ...]
+    python -m lgdlm_ds.evaluate PATH [--tag TAG] [--batches N] [--untrained] [--guidance W] [section.key=value ...]
 
 PATH is a run directory (newest complete checkpoint, or --tag) or a directory written by
 lgdlm_ds.export; the samples are the validation split of the run's data, in order, in batches of
@@ -28,6 +28,14 @@ Metrics (token metrics average over real tokens, the others over samples):
   replaced by pure Gaussian noise at latent t = 1, the diffusion's own state of knowing nothing
   about the latent; ``latent_information`` = text_loss_without_latent - l2t_text_loss, nats per
   token that the latent tells the model.
+- ``text_nelbo`` (with elbo samples > 0): the text diffusion's bound on -log p(text | latent) per
+  real token (MDLM: 1/t x CE summed over the tokens masked at text time t, diffusion.elbo_weight),
+  the clean latent as input at latent t = 0; ``text_nelbo_without_latent``: the same masks with the
+  latent as noise at latent t = 1, a bound on -log p(text); ``latent_nats_per_token``: their
+  difference, what the latent is worth to the text model. Each sample draws ``elbo_samples`` text
+  times, stratified over the batch (diffusion.antithetic_times). Meaningful for models that trained
+  on partly masked text (unconditional passes); the default runs it for them only.
+- ``t2l_guidance``: the classifier-free guidance weight of the T2L sampler (lgdlm_ds.sample).
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from torch import Tensor, nn
 from . import cli
 from .config import Config
 from .data import DataError
-from .diffusion import LatentDiffusion
+from .diffusion import LatentDiffusion, antithetic_times, elbo_weight, mask_probability
 from .loading import LatentSpace, load
 from .model import LGDLM, build_model
 from .objectives import Pass, l2t_pass
@@ -53,7 +61,7 @@ from .seeding import derive_seed, seed_everything
 
 # Sums reduced over batches and ranks; every metric is a ratio of two of them.
 _SUMS = ("tokens", "samples", "l2t_correct", "l2t_ce", "decode_correct", "cosine", "retrieved", "chance", "mse",
-         "cycle_correct", "cycle_ce", "nolat_correct", "nolat_ce")
+         "cycle_correct", "cycle_ce", "nolat_correct", "nolat_ce", "elbo_tokens", "nelbo", "nelbo_nolat")
 
 
 def _unwrap(model: nn.Module) -> LGDLM:
@@ -69,17 +77,33 @@ def _unwrap(model: nn.Module) -> LGDLM:
 
 
 def _l2t(model: LGDLM, p: Pass) -> tuple[Tensor, Tensor]:
-    """(correct tokens, summed CE) of an L2T pass over its supervised positions."""
+    """(correct tokens, summed CE, weighted by text_weights when set) of a pass over its
+    supervised positions."""
     hidden, _ = model.trunk(p.tokens, p.latents, p.text_t, p.latent_t, p.attention_mask)
     targets = p.text_targets[p.text_loss_mask]
     _, ce, argmax, _ = model.text_head(hidden[p.text_loss_mask], targets)
-    return (argmax == targets).sum(), ce.float().sum()
+    weights = 1.0 if p.text_weights is None else p.text_weights[p.text_loss_mask]
+    return (argmax == targets).sum(), (ce.double() * weights).sum()
+
+
+def _bound_passes(ids: Tensor, real: Tensor, x0: Tensor, mask_token_id: int, g: torch.Generator) -> tuple[Pass, Pass]:
+    """The text bound's passes at one draw of text times (stratified over the batch) and masks: the
+    clean latent at latent t = 0, and noise at latent t = 1; CE weighted by 1/t at the masked tokens."""
+    B, device = ids.shape[0], ids.device
+    t = antithetic_times(torch.rand(B, generator=g, device=device), torch.arange(B, device=device), B)
+    masked = (torch.rand(ids.shape, generator=g, device=device) < mask_probability(t)[:, None]) & real
+    tokens = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
+    weights = elbo_weight(t)[:, None].expand_as(ids)
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    return tuple(Pass(tokens, t, latents, torch.full_like(t, latent_t), real, text_targets=ids,
+                      text_loss_mask=masked, text_weights=weights)
+                 for latents, latent_t in ((x0, 0.0), (noise, 1.0)))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]], *,
              latent_space: LatentSpace | None = None, seed: int = 0, t2l_steps: int | None = None,
-             decode_steps: int = 0) -> dict[str, float]:
+             decode_steps: int = 0, elbo_samples: int = 0, guidance: float = 0.0) -> dict[str, float]:
     """Metrics of the module doc over ``batches`` (dicts with input_ids, attention_mask and latent in
     the model's space, as the datasets give them), summed over all ranks when torch.distributed is
     initialised. Collective then: every rank must pass the same number of batches (ZeRO-3 gathers
@@ -89,7 +113,9 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
     to the encoder's space for the cosines (default: read from ``cfg``). ``seed``: the noise of the
     T2L sampler and of the no-latent pass (per rank). ``t2l_steps``: DDIM steps (default: see
     lgdlm_ds.plan.ObjectivePlan.t2l_steps). ``decode_steps``: unmasking steps of the decoding metric
-    (0: not computed). Returns floats; the model's train/eval mode is restored."""
+    (0: not computed). ``elbo_samples``: text-time draws per sample of the bound metrics (0: not
+    computed). ``guidance``: classifier-free guidance weight of the T2L sampler. Returns floats; the
+    model's train/eval mode is restored."""
     lgdlm = _unwrap(model)
     space = latent_space if latent_space is not None else LatentSpace.from_config(cfg)
     diffusion = LatentDiffusion.from_config(cfg.diffusion)
@@ -120,7 +146,8 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
             add("l2t_correct", correct)
             add("l2t_ce", ce)
 
-            x0_hat = ddim_latent(lgdlm, diffusion, ids, real, cfg.model.latent_dim, t_start, t2l_steps, g)
+            x0_hat = ddim_latent(lgdlm, diffusion, ids, real, cfg.model.latent_dim, t_start, t2l_steps, g,
+                                 guidance=guidance, mask_token_id=mask_id)
             pred, true = space.to_data(x0_hat), space.to_data(x0)
             add("cosine", F.cosine_similarity(pred, true).sum())
             similarity = F.normalize(pred, dim=-1) @ F.normalize(true, dim=-1).T
@@ -140,6 +167,12 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
             if decode_steps:
                 decoded = decode_text(lgdlm, x0, real.sum(1), ids.shape[1], mask_id, pad_id, decode_steps)
                 add("decode_correct", ((decoded == ids) & real).sum())
+
+            for _ in range(elbo_samples):
+                with_latent, without = _bound_passes(ids, real, x0, mask_id, g)
+                add("elbo_tokens", real.sum())
+                add("nelbo", _l2t(lgdlm, with_latent)[1])
+                add("nelbo_nolat", _l2t(lgdlm, without)[1])
     finally:
         lgdlm.train(was_training)
 
@@ -159,7 +192,12 @@ def evaluate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, Tensor]]
     out["latent_information"] = out["text_loss_without_latent"] - out["l2t_text_loss"]
     if decode_steps:
         out["l2t_decode_token_accuracy"] = s["decode_correct"] / tokens
-    out.update(num_samples=int(samples), t2l_steps=t2l_steps, t2l_start=t_start, decode_steps=decode_steps)
+    if elbo_samples:
+        out["text_nelbo"] = s["nelbo"] / s["elbo_tokens"]
+        out["text_nelbo_without_latent"] = s["nelbo_nolat"] / s["elbo_tokens"]
+        out["latent_nats_per_token"] = out["text_nelbo_without_latent"] - out["text_nelbo"]
+    out.update(num_samples=int(samples), t2l_steps=t2l_steps, t2l_start=t_start, t2l_guidance=guidance,
+               decode_steps=decode_steps, elbo_samples=elbo_samples)
     return out
 
 
@@ -188,12 +226,17 @@ def main(argv: list[str] | None = None) -> int:
                         "T2L trained only at t=1, else 10)")
     parser.add_argument("--decode-steps", type=int, default=None, help="steps of the decoding metric (0: off; default: "
                         "lgdlm_ds.sample's, 1 when the run never trained partly masked text)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the T2L and no-latent noise (default 0)")
+    parser.add_argument("--elbo-samples", type=int, default=None, help="text-time draws per sample of the bound "
+                        "metrics text_nelbo* (0: off; default: 1 when the run trained unconditional passes, else 0)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight of the T2L "
+                        "sampler (default 0: unguided; see lgdlm_ds.sample)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the T2L, no-latent and bound noise (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--untrained", action="store_true", help="evaluate the run's initial model (its seed, no "
                         "training) instead of a checkpoint: the baseline the metrics should beat")
     args = parser.parse_intermixed_args(argv)
-    for name, least in (("batches", 1), ("batch_size", 1), ("t2l_steps", 1), ("decode_steps", 0)):
+    for name, least in (("batches", 1), ("batch_size", 1), ("t2l_steps", 1), ("decode_steps", 0), ("elbo_samples", 0),
+                        ("guidance", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}.")
     return cli.run(_evaluate, args)
@@ -207,9 +250,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         seed_everything(cfg.training.seed)  # as the trainer does before building the model
         model, step, source = build_model(cfg.model).to(args.device), 0, "untrained"
     batches = load_batches(cfg, args.split, args.batch_size or cfg.training.micro_batch_size, args.batches)
-    decode_steps = ObjectivePlan.from_config(cfg).decode_steps if args.decode_steps is None else args.decode_steps
+    plan = ObjectivePlan.from_config(cfg)
+    decode_steps = plan.decode_steps if args.decode_steps is None else args.decode_steps
+    elbo_samples = int("unconditional" in plan.trained_modes) if args.elbo_samples is None else args.elbo_samples
     metrics = evaluate(model, cfg, batches, latent_space=loaded.latent_space, seed=args.seed,
-                       t2l_steps=args.t2l_steps, decode_steps=decode_steps)
+                       t2l_steps=args.t2l_steps, decode_steps=decode_steps, elbo_samples=elbo_samples,
+                       guidance=args.guidance)
     print(json.dumps({**metrics, "step": step, "checkpoint": source, "split": args.split, "seed": args.seed}))
 
 

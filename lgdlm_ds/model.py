@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from mmdit.mmdit_generalized_pytorch import MMDiT
+from mmdit.mmdit_generalized_pytorch import MMDiT, MMDiTBlock
 from mmdit.mmdit_pytorch import MultiHeadRMSNorm
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -29,10 +29,15 @@ from torch.utils.checkpoint import checkpoint
 from . import cli
 from .config import ModelConfig, load_config
 from .hyper_mix import fuse_hyper_connections
+from .partitioned import construction, partitions_parameters
 from .text_head import TextHead
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 1e4) -> Tensor:
+# Sinusoidal frequencies a timestep is embedded with before its MLP.
+TIMESTEP_FREQUENCIES = 256
+
+
+def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQUENCIES, max_period: float = 1e4) -> Tensor:
     """Sinusoidal embedding of raw t in [0, 1] (the older model never rescaled t)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -41,7 +46,7 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 1e4) -> Te
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, frequency_size: int = 256):
+    def __init__(self, dim: int, frequency_size: int = TIMESTEP_FREQUENCIES):
         super().__init__()
         self.frequency_size = frequency_size
         self.mlp = nn.Sequential(nn.Linear(frequency_size, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -72,8 +77,15 @@ class TextEncoder(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, hidden)
         self.position_embed = nn.Parameter(torch.randn(1, max_seq_len, hidden) * 0.02)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.token_embed(tokens) + self.position_embed[:, : tokens.shape[1]]
+    def forward(self, tokens: Tensor, soft_tokens: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Token + position embeddings [B, S, H]. ``soft_tokens`` (mask [B, S] bool, embeddings
+        [mask.sum(), H]) replaces the token embedding at the masked positions, in row-major order:
+        the inputs of a pass that reads soft tokens (lgdlm_ds.text_head)."""
+        emb = self.token_embed(tokens)
+        if soft_tokens is not None:
+            mask, values = soft_tokens
+            emb = emb.masked_scatter(mask[..., None], values.to(emb.dtype))
+        return emb + self.position_embed[:, : tokens.shape[1]]
 
 
 class LatentEncoder(nn.Module):
@@ -87,18 +99,26 @@ class LatentEncoder(nn.Module):
         return self.projection(latents)[:, None] + self.position_embed
 
 
-def _scalar_params_to_1d(module: nn.Module) -> list[str]:
-    """Re-register 0-dim parameters with shape (1,). DeepSpeed's initial parameter broadcast
-    views every parameter as bytes, which fails on 0-dim tensors; the hyper-connections hold
-    some (h_post_scale). Broadcasting makes (1,) compute exactly what () did."""
-    names = []
-    for name, p in list(module.named_parameters()):
-        if p.dim() == 0:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name)
-            setattr(owner, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-            names.append(name)
-    return names
+@contextlib.contextmanager
+def _scalar_params_as_1d():
+    """Within it, every 0-dim parameter a module registers is registered with shape (1,) instead;
+    yields the list of (module, name) it did that to. DeepSpeed's initial parameter broadcast (and
+    ZeRO-3's, when a module is partitioned as it is built) views every parameter as bytes, which
+    fails on 0-dim tensors; the hyper-connections hold some (h_post_scale). Broadcasting makes (1,)
+    compute exactly what () did. At registration, so before any partitioning."""
+    reshaped = []
+
+    def to_1d(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.dim() != 0:
+            return None
+        reshaped.append((module, name))
+        return nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(to_1d)
+    try:
+        yield reshaped
+    finally:
+        handle.remove()
 
 
 def scalars_to_1d(state: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
@@ -132,10 +152,12 @@ class LGDLM(nn.Module):
         self.text_encoder = TextEncoder(cfg.vocab_size, H, cfg.max_seq_len)
         self.latent_encoder = LatentEncoder(cfg.latent_dim, H)
         self.conditioning = Conditioning(C)
-        self.mmdit = MMDiT(depth=cfg.n_blocks, dim_modalities=(H, H), dim_cond=C,
-                           num_residual_streams=cfg.num_residual_streams,
-                           heads=cfg.attn_heads, dim_head=cfg.attn_dim_head, flash_attn=True)
-        self.scalar_param_names = ["mmdit." + n for n in _scalar_params_to_1d(self.mmdit)]
+        with _scalar_params_as_1d() as reshaped:
+            self.mmdit = MMDiT(depth=cfg.n_blocks, dim_modalities=(H, H), dim_cond=C,
+                               num_residual_streams=cfg.num_residual_streams,
+                               heads=cfg.attn_heads, dim_head=cfg.attn_dim_head, flash_attn=True)
+        owners = {id(m): f"mmdit.{name}." if name else "mmdit." for name, m in self.mmdit.named_modules()}
+        self.scalar_param_names = [owners[id(m)] + leaf for m, leaf in reshaped]
         if cfg.fused_hyper_connections:
             fuse_hyper_connections(self.mmdit)
         if cfg.qk_norm:
@@ -149,8 +171,10 @@ class LGDLM(nn.Module):
         state_dict.update(scalars_to_1d(state_dict, [prefix + n for n in self.scalar_param_names]))
 
     def trunk(self, text_tokens: Tensor, latents: Tensor, text_timesteps: Tensor | None = None,
-              latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Run the MMDiT; returns hidden states (text [B,S,H], latent [B,H]) before the heads."""
+              latent_timesteps: Tensor | None = None, attention_mask: Tensor | None = None,
+              soft_tokens: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Run the MMDiT; returns hidden states (text [B,S,H], latent [B,H]) before the heads.
+        ``soft_tokens``: input embeddings instead of the tokens' at some positions (TextEncoder)."""
         B, S = text_tokens.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"text length {S} exceeds model.max_seq_len {self.cfg.max_seq_len}.")
@@ -164,7 +188,7 @@ class LGDLM(nn.Module):
         text_t = zeros if text_timesteps is None else text_timesteps
         latent_t = zeros if latent_timesteps is None else latent_timesteps
         cond = self.conditioning(text_t, latent_t)
-        text = self.text_encoder(text_tokens)
+        text = self.text_encoder(text_tokens, soft_tokens)
         latent = self.latent_encoder(latents.to(text.dtype))
         masks = (None if attention_mask is None else attention_mask.bool(), None)
 
@@ -185,16 +209,30 @@ class LGDLM(nn.Module):
         return self.text_head(text_h), self.latent_head(latent_h)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None, *, warm_start: bool = True) -> LGDLM:
+# Under ZeRO-3 each of these is partitioned as soon as it is built (partitioned.py), the model last
+# (whatever no other unit holds). Neither one of them nor the model changes the weights of a unit
+# built before; the MMDiT's smaller modules are no units: its blocks initialise their children's
+# weights after building them.
+PARTITION_UNITS = (TextEncoder, LatentEncoder, Conditioning, MMDiTBlock, MMDiT, TextHead, LGDLM)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, *, warm_start: bool = True,
+                ds_config: dict | None = None) -> LGDLM:
     """Build the model, with the weights of ``model.init_from`` when it is set (warm_start.py; the
     report goes to stderr). ``warm_start=False`` leaves the initial weights, for callers that load
     others next (a checkpoint to resume or evaluate); a model on the meta device holds no values
     and is never warm-started. The hyper-connections pick an initial residual stream with Python's
-    ``random``; it is seeded from torch's generator here so one torch seed gives one model."""
+    ``random``; it is seeded from torch's generator here so one torch seed gives one model.
+
+    Under a ZeRO-3 ``ds_config`` (the run's DeepSpeed JSON) the model is built partitioned over the
+    ranks from the start, on DeepSpeed's device (partitioned.py): no rank ever holds all of it, and
+    the weights are bitwise those of a whole build from the same seed. ``device`` must then be None."""
+    if device is not None and partitions_parameters(ds_config):
+        raise ValueError("build_model: a ZeRO-3 ds_config places the model itself; pass no device.")
     state = random.getstate()
     random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
     try:
-        with torch.device(device) if device is not None else contextlib.nullcontext():
+        with torch.device(device) if device is not None else construction(ds_config, PARTITION_UNITS):
             model = LGDLM(cfg)
     finally:
         random.setstate(state)

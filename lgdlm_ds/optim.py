@@ -41,13 +41,6 @@ def build_optimizer(module: nn.Module, tr: TrainingConfig, offload: bool) -> tor
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps)
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, tr: TrainingConfig) -> None:
-    """Loading a checkpoint restores the saved betas/eps/weight decay; the recipe wins."""
-    for group in optimizer.param_groups:
-        group["betas"], group["eps"] = tuple(tr.betas), tr.eps
-        group["weight_decay"] = tr.weight_decay if group.get("name") == DECAY else 0.0
-
-
 def lr_factor(k: int, warmup: int, total: int, floor: float) -> float:
     """Multiplier of the peak lr at applied step k (0-based): linear warmup reaching 1 at step
     ``warmup - 1``, then a cosine from 1 down to ``floor`` at step ``total``, then ``floor``."""

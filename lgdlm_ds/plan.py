@@ -1,8 +1,10 @@
 """What a run's objective implies, answered in one place from its config.
 
-Which mode trains at a step, which modes the run trains at all, the cycle terms' weights at a step,
-the latent time of a T2L pass, how many model calls and rows a micro-batch costs and in how many
-DeepSpeed micro-steps, and where sampling starts for a model trained this way. Only facts and
+Which mode trains at a step, which modes the run trains at all, the cycle terms' weights at a step
+and whether they run at all (alternation), the latent prior's weight, the latent time of a T2L
+pass, how many model calls and rows a micro-batch costs and in how many DeepSpeed micro-steps, and
+where sampling starts for a model trained this way. Every scheduled quantity is a
+lgdlm_ds.schedules.Schedule. Only facts and
 small pure functions of the config and the step; the passes themselves are built and run in
 lgdlm_ds.objectives.
 """
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import BASE_MODES, Config
+from .schedules import Schedule, schedule_from
 from .seeding import derive_seed
 
 # Default L2T unmasking steps for a run that trained on partly masked text, and default DDIM steps
@@ -24,39 +27,25 @@ DDIM_STEPS = 10
 
 
 @dataclass(frozen=True)
-class Ramp:
-    """A term weight: 0 before ``warmup``, then linear up to ``base`` over ``steps`` (0: base at once)."""
-    base: float
-    warmup: int
-    steps: int
-
-    def at(self, step: int) -> float:
-        if step < self.warmup:
-            return 0.0
-        if self.steps == 0:
-            return self.base
-        return self.base * min(1.0, (step - self.warmup) / self.steps)
-
-
-@dataclass(frozen=True)
 class LatentTime:
     """Latent time of a T2L pass: 1 (mode full) or uniform in [low(step), t_max] (mode random).
 
-    The lower bound is t_min, or with a curriculum (``curriculum_steps`` > 0) it falls linearly from
-    ``t_min_start`` to t_min over that many steps: T2L starts near t = 1, where a model trained at
-    t = 1 knows its task, and the range widens. The upper bound never moves, so where T2L sampling
-    starts (``largest``) does not depend on the step."""
+    The lower bound is the schedule ``lower``: t_min throughout, or with a curriculum it falls from
+    ``cycle_latent_t_min_start`` to t_min: T2L starts near t = 1, where a model trained at t = 1
+    knows its task, and the range widens. The upper bound never moves, so where T2L sampling starts
+    (``largest``) does not depend on the step."""
     mode: str
-    t_min: float
+    lower: Schedule
     t_max: float
-    curriculum_steps: int = 0
-    t_min_start: float | None = None  # the lower bound at step 0, with a curriculum
+
+    @property
+    def t_min(self) -> float:
+        """The lower bound once the curriculum is over."""
+        return self.lower.base
 
     def low(self, step: int) -> float:
         """The lower bound of a random latent time at ``step``."""
-        if not self.curriculum_steps:
-            return self.t_min
-        return self.t_min_start + (self.t_min - self.t_min_start) * min(1.0, step / self.curriculum_steps)
+        return self.lower.at(step)
 
     def sample(self, b: int, device, step: int) -> Tensor:
         """Latent times of ``b`` rows at (0-based) training step ``step``, float32."""
@@ -71,6 +60,10 @@ class LatentTime:
         return 1.0 if self.mode == "full" else self.t_max
 
 
+# The ``stage`` argument of TrainStep.forward for the micro-step of the restricted cycle_text term.
+RESTRICTED_STAGE = 3
+
+
 @dataclass(frozen=True)
 class ObjectivePlan:
     """What the objective of one run implies; build it with ``from_config``."""
@@ -79,9 +72,13 @@ class ObjectivePlan:
     mode_weights: tuple[tuple[str, float], ...]  # random: (mode, weight > 0) in BASE_MODES order
     mode_schedule: tuple[tuple[str, int], ...]   # sequential: (mode, steps), cycled by step
     latent_time: LatentTime
-    cycle_text: Ramp
-    cycle_latent: Ramp
+    cycle_text: Schedule
+    cycle_latent: Schedule
     stagewise: bool                              # cycle_vae's stages backpropagated one at a time
+    latent_prior: Schedule = Schedule(0.0)       # weight of the latent prior regulariser
+    cycle_every: int = 1                         # the cycle terms run every cycle_every-th step ...
+    cycle_probability: float = 1.0               # ... and then with this probability
+    cycle_text_params: tuple[str, ...] = ()      # glob patterns: cycle_text updates only these
 
     @classmethod
     def from_config(cls, cfg: Config) -> ObjectivePlan:
@@ -93,14 +90,17 @@ class ObjectivePlan:
             weights = tuple((m, tr.mode_weights[m]) for m in BASE_MODES if tr.mode_weights.get(m, 0) > 0)
         if lo.loss_type == "sequential":
             schedule = tuple((s["type"], s["steps"]) for s in tr.mode_schedule)
+        lower = schedule_from(lo, "latent_t_curriculum", lo.cycle_latent_t_min, lo.cycle_latent_t_min_start,
+                              ramp_key="latent_t_curriculum_steps") if lo.latent_t_curriculum_steps else \
+            Schedule(lo.cycle_latent_t_min)
         return cls(loss_type=lo.loss_type, seed=tr.seed, mode_weights=weights, mode_schedule=schedule,
-                   latent_time=LatentTime(lo.latent_t_mode, lo.cycle_latent_t_min, lo.cycle_latent_t_max,
-                                          lo.latent_t_curriculum_steps,
-                                          lo.cycle_latent_t_min_start if lo.latent_t_curriculum_steps else None),
-                   cycle_text=Ramp(lo.cycle_text_weight, lo.cycle_text_warmup_steps, lo.cycle_text_ramp_steps),
-                   cycle_latent=Ramp(lo.cycle_latent_weight, lo.cycle_latent_warmup_steps,
-                                     lo.cycle_latent_ramp_steps),
-                   stagewise=lo.loss_type == "cycle_vae" and lo.cycle_stagewise)
+                   latent_time=LatentTime(lo.latent_t_mode, lower, lo.cycle_latent_t_max),
+                   cycle_text=schedule_from(lo, "cycle_text", lo.cycle_text_weight),
+                   cycle_latent=schedule_from(lo, "cycle_latent", lo.cycle_latent_weight),
+                   stagewise=lo.loss_type == "cycle_vae" and lo.cycle_stagewise,
+                   latent_prior=schedule_from(lo, "latent_prior", lo.latent_prior_weight),
+                   cycle_every=lo.cycle_every, cycle_probability=lo.cycle_probability,
+                   cycle_text_params=tuple(lo.cycle_text_params) if lo.loss_type == "cycle_vae" else ())
 
     # ---- modes
 
@@ -117,6 +117,40 @@ class ObjectivePlan:
                     return mode
                 pos -= steps
         return self.loss_type
+
+    # ---- the cycle terms
+
+    def cycle_terms_at(self, step: int, training: bool = True) -> tuple[bool, bool]:
+        """Whether cycle_text and cycle_latent run on the whole micro-batch at ``step``: when their
+        weight is above 0 and the cycle runs at the step (``cycle_runs_at``; in evaluation always).
+        In the stage-wise mode always (weight 0 during warm-up): stage 2's micro-step must have a
+        graph for the engine's backward; with ``fixed_passes`` a term that does not run here runs
+        on a stand-in row instead."""
+        if self.stagewise and not self.fixed_passes:
+            return True, True
+        cycle = not training or self.cycle_runs_at(step)
+        return cycle and self.cycle_text.at(step) > 0, cycle and self.cycle_latent.at(step) > 0
+
+    def cycle_runs_at(self, step: int) -> bool:
+        """Whether cycle_vae's cycle terms run at ``step`` (the base terms run at every step): every
+        ``cycle_every``-th step from step 0, then with ``cycle_probability``, drawn from a generator
+        seeded by (seed, step), so every rank makes the same draw."""
+        if step % self.cycle_every:
+            return False
+        return self.cycle_probability >= 1.0 or \
+            random.Random(derive_seed(self.seed, "cycle", step)).random() < self.cycle_probability
+
+    @property
+    def alternates(self) -> bool:
+        """Some steps run the base terms only."""
+        return self.cycle_every > 1 or self.cycle_probability < 1.0
+
+    @property
+    def fixed_passes(self) -> bool:
+        """Every model call of a step runs the same passes, a pass that does not train at the step
+        on a stand-in row that passes no gradient (objectives.py): steps that differ in their terms
+        then run the same modules in the same order, which keeps ZeRO-3's prefetch trace valid."""
+        return self.alternates or bool(self.cycle_text_params)
 
     @property
     def trained_modes(self) -> frozenset[str]:
@@ -148,8 +182,11 @@ class ObjectivePlan:
     @property
     def micro_step_stages(self) -> tuple[int | None, ...]:
         """The ``stage`` argument of TrainStep.forward for each DeepSpeed micro-step (forward +
-        backward) of one micro-batch: (1, 2) stage-wise, else (None,), every stage in one step."""
-        return tuple(range(1, self.stages + 1)) if self.stagewise else (None,)
+        backward) of one micro-batch: (1, 2) stage-wise, else (None,), every stage in one step.
+        With ``cycle_text_params`` the cycle_text term gets a micro-step of its own after them,
+        RESTRICTED_STAGE, whose backward alone updates only those parameters."""
+        stages = tuple(range(1, self.stages + 1)) if self.stagewise else (None,)
+        return stages + (RESTRICTED_STAGE,) if self.cycle_text_params else stages
 
     @property
     def micro_steps_per_batch(self) -> int:
@@ -158,7 +195,7 @@ class ObjectivePlan:
     @property
     def stages_per_micro_step(self) -> int:
         """Model calls whose graphs one backward spans (alive together in memory)."""
-        return self.stages // self.micro_steps_per_batch
+        return 1 if self.stagewise else self.stages
 
     # ---- sampling a model trained this way
 

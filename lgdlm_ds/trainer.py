@@ -19,6 +19,7 @@ a resumed run draws exactly what the uninterrupted one drew.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,17 +27,19 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint, warm_start
-from .batching import StepBatches, to_device
+from . import checkpoint, crash_points, universal, warm_start
+from .batching import StepBatches, check_global_batch, global_slots, to_device
 from .config import Config, ConfigError
-from .data import build_dataset
+from .data import METADATA_FILE, build_dataset, check_metadata, read_metadata
 from .ds_config import load_ds_config, offloads_optimizer
 from .fileio import write_atomic
+from .flops import StepFlops, peak_tflops
 from .metrics import MetricsLogger
 from .model import LGDLM, build_model
 from .objectives import TrainStep
 from .optim import WarmupCosine, build_optimizer
 from .preemption import StopSignal
+from .run_directory import check_run_directory
 from .run_files import write_run_files
 from .seeding import derive_seed, seed_everything
 from .skip_policy import SkipPolicy
@@ -48,18 +51,37 @@ class TrainingError(RuntimeError):
 
 
 def preflight(cfg: Config) -> dict:
-    """Everything checkable before DeepSpeed starts: the JSON, the run directory, the resume target.
-    Returns the DeepSpeed config to use. Raises ConfigError or checkpoint.CheckpointError."""
+    """Everything checkable before DeepSpeed starts, reading only: the JSON, a prepared dataset's
+    metadata against the recipe, the run directory, the resume target, the warm-start source.
+    Returns the DeepSpeed config to use. Raises ConfigError, DataError or checkpoint.CheckpointError."""
     ds = load_ds_config(cfg)
     if not cfg.logging.run_dir:
         raise ConfigError("config key 'logging.run_dir': must name the run directory.")
+    _check_data(cfg)
     run_dir = Path(cfg.logging.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"config key 'logging.run_dir': '{run_dir}' exists and is not a directory.")
     resume = checkpoint.find_resume(cfg.training.resume, run_dir / "checkpoints")
+    check_run_directory(cfg, resuming=resume is not None)
+    crash_points.target()  # a malformed test hook fails here too
     if resume is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(f"config key 'model.init_from': '{cfg.model.init_from}' does not exist.")
+        raise ConfigError(f"config key 'model.init_from': '{cfg.model.init_from}' does not exist. Set it to a "
+                          "weights file, a directory written by lgdlm_ds.export or a run directory, or leave it "
+                          "empty to start from random weights.")
     return ds
+
+
+def _check_data(cfg: Config) -> None:
+    """What can be checked of the data without building it: a prepared dataset's metadata against
+    the recipe, and a training split of at least one global batch on the ranks known now
+    (WORLD_SIZE under a launcher, else one; the trainer checks again on every rank)."""
+    data, tr = cfg.data, cfg.training
+    size = data.num_samples if data.kind == "synthetic" else None
+    if data.kind == "packed" and (Path(data.path).expanduser() / METADATA_FILE).is_file():
+        meta = read_metadata(data.path)
+        check_metadata(meta, cfg, data.path)
+        size = meta["splits"]["train"]["num_samples"]
+    if size is not None:
+        check_global_batch(size, int(os.environ.get("WORLD_SIZE", "1")), tr.gradient_accumulation_steps,
+                           tr.micro_batch_size)
 
 
 class Trainer:
@@ -83,35 +105,48 @@ class Trainer:
         seed_everything(tr.seed)  # the same initial model on every rank
         # Before the datasets: a per-sample dataset keeps its file index in the run directory.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Rank 0 first: a packed dataset is prepared on first use, and only once.
+        # Rank 0 first: a packed dataset is prepared on first use, and only once; and what a crash
+        # left in the checkpoints folder is removed before any rank looks there for one to resume.
         if self.rank != 0:
             dist.barrier()
+        else:
+            checkpoint.remove_partial(self.run_dir / "checkpoints")
         self.train_set = build_dataset(cfg, "train")
         val_set = build_dataset(cfg, "validation") if tr.eval_every else None
         if self.rank == 0:
             dist.barrier()
         self.global_batch = self.world * tr.gradient_accumulation_steps * tr.micro_batch_size
+        check_global_batch(len(self.train_set), self.world, tr.gradient_accumulation_steps, tr.micro_batch_size)
         self.validator = Validator(cfg, val_set, dist)
-        step_module = TrainStep(self._initial_model(), cfg)
+        step_module = TrainStep(self._initial_model(ds_config), cfg)
         optimizer = build_optimizer(step_module, tr, offloads_optimizer(ds_config))
         # The skip policy gates the optimizer itself: DeepSpeed's wrappers call its step.
         self.skips = SkipPolicy(optimizer, tr.max_consecutive_skips, dist)
+        # Before the engine: a checkpoint saved by another number of ranks loads only as a universal
+        # one, and only when the config says so at initialisation (universal.py).
+        resume_from = universal.resume_source(tr.resume, self.run_dir / "checkpoints", self.world, self.rank,
+                                              dist.barrier)
+        ds_config = resume_from.ds_config(ds_config) if resume_from else ds_config
         self.engine, *_ = deepspeed.initialize(
             model=step_module, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: WarmupCosine(opt, tr.warmup_steps, tr.num_train_steps, tr.min_lr_ratio))
         self.stages = step_module.plan.micro_step_stages
+        self.step_flops = StepFlops(cfg)
         self.device = self.engine.device
         self.checkpointer = checkpoint.Checkpointer(self.engine, cfg, dist)
-        self.progress = self.checkpointer.resume()
+        self.progress = self.checkpointer.resume(resume_from)
+        self.started_at = self.progress.step  # where the log's replayed steps resumed from
         if self.rank == 0:
             write_run_files(cfg, ds_config, self.run_dir, self.world, get_accelerator().device_name())
 
-    def _initial_model(self) -> LGDLM:
+    def _initial_model(self, ds_config: dict) -> LGDLM:
         """The model before DeepSpeed takes it. A fresh run starts from model.init_from's weights
         when it is set (the report goes to the log and to init_report.json); a resumed run loads its
-        checkpoint's weights next and never applies model.init_from again."""
+        checkpoint's weights next and never applies model.init_from again. Under ZeRO-3 it is built,
+        and warm-started, partitioned over the ranks (partitioned.py): no rank holds the whole model,
+        and the weights are those of a whole build."""
         model_cfg = self.cfg.model
-        model = build_model(model_cfg, warm_start=False)
+        model = build_model(model_cfg, warm_start=False, ds_config=ds_config)
         if not model_cfg.init_from:
             return model
         target = checkpoint.find_resume(self.cfg.training.resume, self.run_dir / "checkpoints")
@@ -131,14 +166,18 @@ class Trainer:
         signal ended it early, after saving."""
         total = self.cfg.training.num_train_steps
         end = total if until_step is None else min(until_step, total)
-        log = MetricsLogger(self.cfg, self.run_dir, self.dist, self.device, self.global_batch, self.progress.step, end)
+        peak = peak_tflops(self.cfg.training.peak_tflops, self.device,
+                           torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32)
+        log = MetricsLogger(self.cfg, self.run_dir, self.dist, self.device, self.global_batch, self.progress.step, end,
+                            resumed_from=self.started_at, peak_tflops=peak)
         batches = log.timed(iter(self._loader()))
         self.engine.train()
         stop = False
         try:
             while self.progress.step < end and not stop:
                 k, epoch, start = self.progress.step, self.progress.data_position.epoch, time.perf_counter()
-                metrics, tokens, bad_loss = self._micro_steps(batches, k)
+                metrics, tokens, flops, bad_loss = self._micro_steps(batches, k)
+                crash_points.reached("after_backward", k + 1)
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 reason, grad_norm, stop = self.skips.step(self.engine, bad_loss, self.stop.requested(k + 1))
                 seconds = time.perf_counter() - start
@@ -146,9 +185,10 @@ class Trainer:
                                                          skipped=reason is not None)
                 step = self.progress.step
                 evaluation = self.validator.run(self.engine, k) if self.validator.due(step, end) else {}
-                log.step(step=step, epoch=epoch, lr=lr, metrics=metrics, tokens=tokens, seconds=seconds,
-                         grad_norm=grad_norm, skipped_steps=self.progress.skipped_steps, skip_reason=reason,
-                         evaluation=evaluation)
+                log.step(step=step, epoch=epoch, lr=lr, metrics=metrics, tokens=tokens, flops=flops,
+                         seconds=seconds, grad_norm=grad_norm, skipped_steps=self.progress.skipped_steps,
+                         skip_reason=reason, evaluation=evaluation)
+                crash_points.reached("after_log", step)
                 if (error := self.skips.streak_error(step, self.checkpointer.last)) is not None:
                     raise TrainingError(error)
                 if self.checkpointer.due(step, end) or stop:
@@ -160,22 +200,26 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         """This rank's micro-batches from the current data position on."""
-        tr = self.cfg.training
+        tr, buckets = self.cfg.training, self.cfg.data.length_buckets
         sampler = StepBatches(len(self.train_set), tr.seed, self.world, self.rank, tr.gradient_accumulation_steps,
-                              tr.micro_batch_size, self.progress.data_position)
+                              tr.micro_batch_size, self.progress.data_position,
+                              self.train_set.sample_lengths() if buckets else None, buckets)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=tr.num_workers,
                           pin_memory=torch.cuda.is_available())
 
     def _micro_steps(self, batches: Iterator[dict], k: int):
         """Forward + backward of every micro-batch of step k; DeepSpeed's step on all but the last.
-        Returns (metrics averaged over micro-batches, real tokens, non-finite-loss flag)."""
+        Returns (metrics averaged over micro-batches, real tokens, model FLOPs, non-finite-loss flag)."""
         seed, accumulation = self.cfg.training.seed, self.cfg.training.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        flops = torch.zeros((), dtype=torch.float64, device=self.device)
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         for m in range(accumulation):
             batch = to_device(next(batches), self.device)
-            torch.manual_seed(derive_seed(seed, "train", k, m * self.world + self.rank))
+            slot = m * self.world + self.rank
+            torch.manual_seed(derive_seed(seed, "train", k, slot))
+            batch.update(global_slots(slot, len(batch["input_ids"]), self.global_batch, self.device))
             for i, stage in enumerate(self.stages):
                 loss, metrics = self.engine(batch, k) if stage is None else self.engine(batch, k, stage=stage)
                 if self.poison is not None and self.poison(k, self.rank):
@@ -190,4 +234,5 @@ class Trainer:
                     sums[name] = sums[name] + v if name in sums else v
                 bad_loss |= ~torch.isfinite(loss.detach())
             tokens += batch["attention_mask"].sum()
-        return {n: v / accumulation for n, v in sums.items()}, tokens, bad_loss
+            flops += self.step_flops(batch["attention_mask"], k)
+        return {n: v / accumulation for n, v in sums.items()}, tokens, flops, bad_loss

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, default_collate
 from .batching import eval_batches, to_device
 from .config import Config
 from .metrics import mean_over_ranks
+from .plan import ObjectivePlan
 from .seeding import derive_seed
 
 
@@ -25,6 +26,9 @@ class Validator:
         tr = cfg.training
         self.every, self.seed, self.dataset, self.dist = tr.eval_every, tr.seed, dataset, dist
         self.rank = dist.get_rank()
+        # The training micro-steps' stages: one model call per engine forward in the stage-wise
+        # mode, as in training, keeps ZeRO-3's prefetch trace valid across an evaluation.
+        self.stages = ObjectivePlan.from_config(cfg).micro_step_stages
         self.index = [] if dataset is None else eval_batches(len(dataset), dist.get_world_size(), self.rank,
                                                               tr.micro_batch_size, tr.eval_batches)
 
@@ -39,9 +43,10 @@ class Validator:
         for e, idx in enumerate(self.index):
             batch = to_device(default_collate([self.dataset[i] for i in idx]), engine.device)
             torch.manual_seed(derive_seed(self.seed, "eval", e, self.rank))
-            loss, metrics = engine(batch, k)
-            for name, v in {"loss": loss.float(), **metrics}.items():
-                sums[name] = sums[name] + v if name in sums else v
+            for stage in self.stages:  # stage metrics are disjoint but the loss and nonfinite_terms, which add
+                loss, metrics = engine(batch, k) if stage is None else engine(batch, k, stage=stage)
+                for name, v in {"loss": loss.float(), **metrics}.items():
+                    sums[name] = sums[name] + v if name in sums else v
         engine.train()
         means, _ = mean_over_ranks(self.dist, sums, {n: len(self.index) for n in sums},
                                    torch.zeros((), device=engine.device))

@@ -17,8 +17,10 @@ import torch
 
 from .config import ModelConfig
 from .loading import LoadError, read_saved
-from .model import LGDLM
-from .weights_report import WeightsReport, loaded_state, match
+from .model import LGDLM, build_model
+from .partitioned import is_partitioned
+from .partitioned import load as load_partitioned
+from .weights_report import SavedWeights, WeightsReport, loaded_state, match
 
 REPORT_FILE = "init_report.json"
 
@@ -26,7 +28,21 @@ REPORT_FILE = "init_report.json"
 def apply_init_from(model: LGDLM, cfg: ModelConfig) -> WeightsReport:
     """Load the weights of ``cfg.init_from`` into ``model`` (built from ``cfg``) and say what was
     loaded, what starts fresh and what was ignored. Raises LoadError, before changing any weight,
-    when the source does not fit."""
+    when the source does not fit. A model built partitioned (ZeRO-3, partitioned.py) takes them
+    from rank 0, the only rank that reads the source: one copy of it in memory, not one per rank;
+    every rank returns rank 0's report, or raises its error. Call it on every rank then."""
+    if is_partitioned(model):
+        return _apply_partitioned(model, cfg)
+    saved, report = _fitting(model, cfg)
+    with torch.no_grad():
+        result = model.load_state_dict(loaded_state(saved, report, model), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) == set(report.missing) | set(report.mismatched)
+    return report
+
+
+def _fitting(model: LGDLM, cfg: ModelConfig) -> tuple[SavedWeights, WeightsReport]:
+    """The weights of ``cfg.init_from`` and how they fit ``model`` (the shapes of its state dict);
+    LoadError when they do not."""
     try:
         saved = read_saved(cfg.init_from, cfg)
     except LoadError as e:
@@ -38,9 +54,26 @@ def apply_init_from(model: LGDLM, cfg: ModelConfig) -> WeightsReport:
             f"{'; '.join(problems)}. Set model.* to the shape of the model that wrote it (the older checkpoints: "
             "attn_heads 8, attn_dim_head 64, qk_norm false), or let the weights named above start fresh with "
             "model.init_fresh_keys (glob patterns of parameter names, e.g. ['latent_head.*']).")
-    with torch.no_grad():
-        result = model.load_state_dict(loaded_state(saved, report, model), strict=False)
-    assert not result.unexpected_keys and set(result.missing_keys) == set(report.missing) | set(report.mismatched)
+    return saved, report
+
+
+def _apply_partitioned(model: LGDLM, cfg: ModelConfig) -> WeightsReport:
+    from deepspeed import comm as dist
+    saved, outcome = None, [None, None]  # rank 0's report, or its error
+    if dist.get_rank() == 0:
+        # A partitioned model's tensors are empty placeholders; the shapes are the same model's on
+        # the meta device (built on a forked generator: the run's draws stay what they were).
+        with torch.random.fork_rng(devices=[]):
+            shapes = build_model(cfg, device="meta", warm_start=False)
+        try:
+            saved, outcome[0] = _fitting(shapes, cfg)
+        except LoadError as e:
+            outcome[1] = str(e)
+    dist.broadcast_object_list(outcome, src=0)
+    report, error = outcome
+    if error is not None:
+        raise LoadError(error)
+    load_partitioned(model, None if saved is None else loaded_state(saved, report, model), report.loaded)
     return report
 
 

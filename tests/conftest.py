@@ -11,6 +11,8 @@ training runs (the evaluate, sample, export, loading and plot tests).
 - ``learned_run``: ZeRO-0, l2t on 16 synthetic samples for 80 steps (the learning test).
 All runs are fp32, so the engine's weights and the exported ones must agree exactly.
 
+Tests marked ``slow`` are deselected unless a ``-m`` expression is given (``-m slow`` runs them).
+
 The fixtures import what they build from (torch, DeepSpeed, the tokenizer and encoder stack) when
 they first run: every test run reads this file, also of tests that need none of it.
 """
@@ -28,6 +30,20 @@ def _lee_stories(path: Path, n: int) -> Path:
     with open(corpus_path(LEE_BACKGROUND), encoding="utf-8") as f:
         path.write_text("".join(f.readline() for _ in range(n)), encoding="utf-8")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long run, deselected unless selected with -m (README, Testing)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when a -m expression is given (``-m slow``)."""
+    if config.option.markexpr:
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 @pytest.fixture

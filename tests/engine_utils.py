@@ -9,7 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -45,6 +47,18 @@ def launch(ranks: int, script: str | Path, *args: str) -> subprocess.CompletedPr
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(script), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def record(path: Path, check: Callable[[], object]) -> None:
+    """In a launched job: write ``check()``'s result to ``path`` as JSON. On an exception, write its
+    traceback there instead and end this rank: the other rank may wait in a collective, and the
+    launcher stops the job when one rank exits non-zero. The test shows the traceback."""
+    try:
+        path.write_text(json.dumps(check()))
+    except Exception:
+        path.write_text(json.dumps({"exception": traceback.format_exc()}))
+        traceback.print_exc()
+        sys.exit(1)
 
 
 def ds_json(out: Path, stage: int, bf16: bool = False, trace_warnings: bool = False) -> str:

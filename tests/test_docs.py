@@ -54,8 +54,10 @@ def log_keys() -> set[str]:
         cfg = tiny_config(f"loss.loss_type={mode}")
         for step in (0, 10**6):  # cycle terms before and after their warm-up
             metrics |= tiny_step(cfg)(tiny_batch(cfg), step)[1].keys()
+    cfg = tiny_config("loss.cycle_every=2", "loss.latent_prior_weight=1")  # the keys of options off by default
+    metrics |= tiny_step(cfg)(tiny_batch(cfg), 0)[1].keys()
     cfg = tiny_config()
-    evaluated = evaluate(tiny_step(cfg).model, cfg, [tiny_batch(cfg)], t2l_steps=1, decode_steps=1)
+    evaluated = evaluate(tiny_step(cfg).model, cfg, [tiny_batch(cfg)], t2l_steps=1, decode_steps=1, elbo_samples=1)
     objective = {"loss", *metrics}
     return {*LINE_KEYS, *objective, *(f"eval_{k}" for k in objective), *evaluated}
 

@@ -108,7 +108,7 @@ def _fused_and_unfused(cfg, dtype=torch.float32):
     return fused, unfused, fused_step, batch
 
 
-@pytest.mark.parametrize("sampling", ["argmax", "categorical"])
+@pytest.mark.parametrize("sampling", ["argmax", "categorical", "gumbel_st"])
 def test_fused_stages_equal_four_separate_calls(sampling):
     # fp64 throughout: only summation order differs, and at fp64 precision that is ~1e-15.
     cfg = tiny_config(f"loss.cycle_latent_sampling={sampling}", *CYCLE_GRAPH)
@@ -118,7 +118,7 @@ def test_fused_stages_equal_four_separate_calls(sampling):
     assert max_rel_diff(fused[2], unfused[2]) <= 1e-10
 
 
-@pytest.mark.parametrize("sampling", ["argmax", "categorical"])
+@pytest.mark.parametrize("sampling", ["argmax", "categorical", "gumbel_st"])
 def test_fused_stages_in_fp32_differ_by_rounding_only(sampling):
     cfg = tiny_config(f"loss.cycle_latent_sampling={sampling}", *CYCLE_GRAPH)
     fused, unfused, step, batch = _fused_and_unfused(cfg)
@@ -184,6 +184,82 @@ def test_elbo_weighting_changes_only_the_unconditional_text_term():
     assert losses["false"]["text_loss"] != losses["true"]["text_loss"]
 
 
+@pytest.mark.parametrize("sampling", ["argmax", "categorical", "gumbel_st", "gumbel_st_hard"])
+def test_cycle_latent_reaches_the_l2t_logits_only_through_soft_tokens(sampling):
+    """cycle_latent alone (cycle_text off): its gradient reaches the text head, whose logits only
+    L2T uses, with gumbel_st, and never with hard pseudo tokens."""
+    hard = sampling.endswith("_hard")
+    cfg = tiny_config(f"loss.cycle_latent_sampling={sampling.removesuffix('_hard')}", f"loss.gumbel_hard={hard}",
+                      "loss.cycle_text_weight=0", "loss.latent_t_mode=random", "loss.gumbel_temperature=0.5")
+    step, batch = tiny_step(cfg, perturb=0.02), tiny_batch(cfg)
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    torch.manual_seed(1)
+    _, metrics, carry = step.cycle_stage1(ids, real, batch["latent"], 3)
+    loss2, metrics2 = step.cycle_stage2(ids, real, batch["latent"], carry)
+    assert set(metrics2) == {"cycle_latent_loss"}
+    head = list(step.model.text_head.parameters())
+    grads = torch.autograd.grad(loss2, head, allow_unused=True)
+    if sampling.startswith("gumbel_st"):
+        assert all(g is not None and g.isfinite().all() and g.abs().max() > 0 for g in grads)
+        assert metrics["gumbel_temperature"] == 0.5
+        # the pseudo tokens are the Gumbel-max samples the soft tokens were drawn with
+        assert carry["soft"].shape == (int(real.sum()), cfg.model.hidden_size)
+    else:
+        assert all(g is None for g in grads) and carry["soft"] is None
+
+
+def test_gumbel_st_is_refused_with_the_stagewise_backward():
+    with pytest.raises(ConfigError, match="loss.cycle_latent_sampling.*cycle_stagewise: false"):
+        tiny_config("loss.cycle_latent_sampling=gumbel_st", "loss.cycle_stagewise=true")
+    with pytest.raises(ConfigError, match="loss.gumbel_temperature"):
+        tiny_config("loss.cycle_latent_sampling=gumbel_st", "loss.gumbel_temperature=0")
+
+
+def _unconditional_pass(cfg, batch, seed=2):
+    step, seen = tiny_step(cfg), []
+    run = step._run
+    step._run = lambda model, passes, *a, **k: seen.extend(passes) or run(model, passes, *a, **k)
+    torch.manual_seed(seed)
+    _, metrics = step(batch, 0)
+    return seen[0], metrics
+
+
+def test_antithetic_text_times_cover_the_global_batch_one_stratum_each():
+    cfg = tiny_config("loss.loss_type=unconditional", "loss.text_time_antithetic=true")
+    batch = tiny_batch(cfg)
+    # slot 1 of a global batch of 12: global indices 4..7 -> strata [4/12, 8/12)
+    batch.update(global_index=torch.arange(4, 8), global_batch_size=torch.tensor(12))
+    p, _ = _unconditional_pass(cfg, batch)
+    assert ((p.text_t * 12).floor() == torch.arange(4, 8)).all()
+    # the same uniforms as the plain draw, moved into their strata
+    torch.manual_seed(2)
+    torch.testing.assert_close(p.text_t, (torch.arange(4, 8) + torch.rand(4)) / 12)
+    # without slots (validation, direct calls) the micro-batch is its own global batch
+    del batch["global_index"], batch["global_batch_size"]
+    p, _ = _unconditional_pass(cfg, batch)
+    assert ((p.text_t * 4).floor() == torch.arange(4)).all()
+
+
+@pytest.mark.parametrize("elbo", [False, True])
+def test_text_nelbo_is_the_mdlm_bound_per_real_token(elbo):
+    """The bound sums 1/t x CE over masked tokens per real token (weight -alpha'/(1 - alpha) = 1/t
+    for the log-linear mask schedule); with text_elbo_weighting it is the text loss itself."""
+    cfg = tiny_config("loss.loss_type=unconditional", f"loss.text_elbo_weighting={elbo}")
+    batch = tiny_batch(cfg)
+    p, metrics = _unconditional_pass(cfg, batch)
+    real = p.attention_mask  # the batch trimmed of its all-padding columns
+    step = tiny_step(cfg)
+    with torch.no_grad():
+        logits, _ = step.model(p.tokens, p.latents, p.text_t, p.latent_t, real)
+        ce = torch.nn.functional.cross_entropy(logits[p.text_loss_mask], p.text_targets[p.text_loss_mask],
+                                               reduction="none")
+    weights = (1 / p.text_t)[:, None].expand_as(real)[p.text_loss_mask]
+    want = (ce * weights).sum() / real.sum()
+    torch.testing.assert_close(metrics["text_nelbo"], want, rtol=1e-5, atol=0)
+    if elbo:
+        torch.testing.assert_close(metrics["text_loss"], want, rtol=1e-5, atol=0)
+
+
 def test_stagewise_backward_equals_the_plain_step():
     cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_latent_sampling=categorical")
     batch = tiny_batch(cfg)
@@ -227,3 +303,76 @@ def test_trailing_padding_is_trimmed_exactly(monkeypatch):
     full = loss_and_grads(tiny_step(cfg, perturb=0.02, dtype=torch.float64), batch, at_step=3)
     assert abs(trimmed[0].item() - full[0].item()) <= 1e-12 * abs(full[0].item())
     assert max_rel_diff(trimmed[2], full[2]) <= 1e-10
+
+
+# ---- alternation and the restricted cycle_text term
+
+
+def _model_calls(step) -> list[int]:
+    """Rows of each model call ``step`` makes from now on."""
+    rows = []
+    step.model.text_encoder.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    return rows
+
+
+def test_a_step_without_the_cycle_trains_the_base_terms_only():
+    """cycle_every: 2. Step 1 runs the base terms, with stand-in cycle passes on one row that pass
+    no gradient: loss and gradients equal those of a run whose cycle weights are 0 (stage 2 then
+    does not run at all), bitwise; step 2 equals the plain run's."""
+    cfg = tiny_config("loss.latent_t_mode=random", "loss.cycle_every=2")
+    batch = tiny_batch(cfg)
+    step = tiny_step(cfg, perturb=0.02)
+    rows = _model_calls(step)
+    loss, metrics, grads = loss_and_grads(step, batch, at_step=1)
+    assert rows == [8, 2] and metrics["cycle_ran"] == 0  # base L2T + T2L; two stand-in rows
+    assert "cycle_text_loss" not in metrics and "cycle_latent_loss" not in metrics
+    base = tiny_step(tiny_config("loss.latent_t_mode=random", "loss.cycle_text_weight=0",
+                                 "loss.cycle_latent_weight=0"), perturb=0.02)
+    base_loss, _, base_grads = loss_and_grads(base, batch, at_step=1)
+    assert loss.item() == base_loss.item() and grads.keys() == base_grads.keys()
+    assert all(torch.equal(grads[n], base_grads[n]) for n in grads)
+    loss2, metrics2, grads2 = loss_and_grads(step, batch, at_step=2)
+    plain_loss, _, plain_grads = loss_and_grads(tiny_step(tiny_config("loss.latent_t_mode=random"), perturb=0.02),
+                                                batch, at_step=2)
+    assert metrics2["cycle_ran"] == 1 and loss2.item() == plain_loss.item()
+    assert all(torch.equal(grads2[n], plain_grads[n]) for n in grads2)
+
+
+def _cycle_text_grads(patterns: str, batch) -> dict[str, torch.Tensor]:
+    """The gradient of the restricted micro-step alone: stage 1's forward, then stage 3's forward
+    and backward."""
+    step = tiny_step(tiny_config("loss.cycle_stagewise=true", f"loss.cycle_text_params={patterns}"), perturb=0.02)
+    torch.manual_seed(1)
+    step(batch, 5, stage=1)
+    step(batch, 5, stage=2)
+    step.zero_grad(set_to_none=True)
+    loss, metrics = step(batch, 5, stage=3)
+    loss.backward()
+    assert set(metrics) == {"cycle_text_loss", "nonfinite_terms"}
+    return param_grads(step)
+
+
+def test_restricted_cycle_text_updates_only_its_group():
+    batch = tiny_batch(tiny_config())
+    group = ["model.text_head.", "model.mmdit.blocks.1."]
+    restricted = _cycle_text_grads("[text_head.*, mmdit.blocks.1.*]", batch)
+    unrestricted = _cycle_text_grads("['*']", batch)  # every parameter in the group: no restriction
+    inside = [n for n in unrestricted if n.startswith(tuple(group))]
+    outside = [n for n in unrestricted if not n.startswith(tuple(group))]
+    assert inside and all(torch.equal(restricted[n], unrestricted[n]) for n in inside)
+    assert all(not restricted[n].any() for n in outside)
+    assert any(unrestricted[n].any() for n in outside)  # the audit could fail: cycle_text reaches them
+
+
+def test_restricted_steps_add_up_to_the_plain_loss():
+    cfg = tiny_config("loss.cycle_stagewise=true", "loss.cycle_text_params=[text_head.*]")
+    batch, step, plain = tiny_batch(cfg), tiny_step(cfg), tiny_step(tiny_config())
+    torch.manual_seed(1)
+    losses, metrics = zip(*(step(batch, 5, stage=s) for s in step.plan.micro_step_stages))
+    torch.manual_seed(1)
+    plain_loss, plain_metrics = plain(batch, 5)
+    # The same terms of the same numbers, summed in another order: a few roundings of the sum.
+    assert sum(losses).item() == pytest.approx(plain_loss.item(), rel=8 * torch.finfo(torch.float32).eps)
+    assert {k for m in metrics for k in m} == plain_metrics.keys()
+    with pytest.raises(ConfigError, match=r"'loss.cycle_text_params': \['nothing.\*'\] match no parameter"):
+        tiny_step(tiny_config("loss.cycle_stagewise=true", "loss.cycle_text_params=[text_head.*, nothing.*]"))

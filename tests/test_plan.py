@@ -3,7 +3,8 @@ import torch
 
 from lgdlm_ds.config import ConfigError, load_config
 from lgdlm_ds.ds_config import load_ds_config
-from lgdlm_ds.plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, LatentTime, ObjectivePlan, Ramp
+from lgdlm_ds.plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, RESTRICTED_STAGE, LatentTime, ObjectivePlan
+from lgdlm_ds.schedules import Schedule
 from core_utils import tiny_batch, tiny_config, tiny_step
 
 
@@ -44,7 +45,7 @@ def test_sequential_mode_cycles_the_schedule():
 def test_cycle_weights_follow_their_ramps():
     p = plan("loss.cycle_text_weight=0.4", "loss.cycle_text_warmup_steps=2", "loss.cycle_text_ramp_steps=4",
              "loss.cycle_latent_weight=0.2", "loss.cycle_latent_warmup_steps=1")
-    assert (p.cycle_text, p.cycle_latent) == (Ramp(0.4, 2, 4), Ramp(0.2, 1, 0))
+    assert (p.cycle_text, p.cycle_latent) == (Schedule(0.4, 2, 4), Schedule(0.2, 1, 0))
     assert [p.cycle_text.at(s) for s in (0, 1, 2, 3, 6, 50)] == pytest.approx([0, 0, 0, 0.1, 0.4, 0.4])
     assert [p.cycle_latent.at(s) for s in (0, 1, 2)] == [0, 0.2, 0.2]
 
@@ -56,7 +57,7 @@ def test_latent_time_sampler():
     assert (full.sample(5, "cpu", 0) == 1).all() and full.largest == 1.0
     assert torch.equal(torch.get_rng_state(), state)  # t = 1 draws nothing: later noise is unchanged
     rnd = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min=0.3", "loss.cycle_latent_t_max=0.5").latent_time
-    assert rnd == LatentTime("random", 0.3, 0.5) and rnd.largest == 0.5
+    assert rnd == LatentTime("random", Schedule(0.3), 0.5) and rnd.largest == 0.5
     t = rnd.sample(1000, "cpu", 0)
     assert t.shape == (1000,) and t.dtype == torch.float32 and 0.3 <= t.min() and t.max() <= 0.5
 
@@ -103,7 +104,7 @@ def test_latent_time_curriculum_widens_the_range_from_near_one():
 
 def test_without_a_curriculum_the_range_is_whole_from_the_start():
     lt = plan("loss.latent_t_mode=random", "loss.cycle_latent_t_min_start=0.5").latent_time
-    assert lt == LatentTime("random", 0.0, 0.98) and lt.low(0) == 0.0
+    assert lt == LatentTime("random", Schedule(0.0), 0.98) and lt.low(0) == 0.0
 
 
 def test_training_draws_the_curriculums_latent_times():
@@ -126,11 +127,6 @@ def test_training_draws_the_curriculums_latent_times():
 def test_bad_curricula_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(None, overrides)
-
-
-def test_ramp_schedule():
-    assert [Ramp(0.5, 10, 20).at(s) for s in (0, 9, 10, 15, 20, 30, 100)] == [0, 0, 0, 0.125, 0.25, 0.5, 0.5]
-    assert [Ramp(0.5, 3, 0).at(s) for s in (0, 2, 3, 4)] == [0, 0, 0.5, 0.5]
 
 
 def test_latent_time_sampling_modes():
@@ -157,3 +153,67 @@ def test_sequential_schedule_cycles_by_step():
                       "training.mode_schedule=[{type: l2t, steps: 2}, {type: unconditional, steps: 1}]")
     plan = ObjectivePlan.from_config(cfg)
     assert [plan.mode_at(s) for s in range(7)] == ["l2t", "l2t", "unconditional"] * 2 + ["l2t"]
+
+
+# ---- the cycle options: schedules, alternation, restricted cycle_text
+
+
+def test_every_scheduled_quantity_reads_its_shape():
+    p = plan("loss.cycle_text_ramp_steps=4", "loss.cycle_text_shape=step", "loss.cycle_text_stairs=2",
+             "loss.cycle_latent_ramp_steps=4", "loss.cycle_latent_shape=cosine",
+             "loss.latent_prior_weight=2", "loss.latent_prior_warmup_steps=1", "loss.latent_prior_ramp_steps=2",
+             "loss.latent_t_mode=random", "loss.cycle_latent_t_min_start=0.8", "loss.latent_t_curriculum_steps=4",
+             "loss.latent_t_curriculum_warmup_steps=2", "loss.latent_t_curriculum_shape=step",
+             "loss.latent_t_curriculum_stairs=4")
+    assert p.cycle_text == Schedule(0.1, 0, 4, "step", stairs=2)
+    assert [p.cycle_latent.at(s) for s in (0, 2, 4)] == pytest.approx([0, 0.05, 0.1])
+    assert [p.latent_prior.at(s) for s in (0, 1, 2, 3)] == [0, 0, 1, 2]
+    assert [p.latent_time.low(s) for s in (0, 2, 3, 4, 6)] == pytest.approx([0.8, 0.8, 0.6, 0.4, 0.0])
+
+
+def test_cycle_every_runs_the_cycle_on_every_nth_step_from_step_0():
+    p = plan("loss.cycle_every=3")
+    assert [p.cycle_runs_at(s) for s in range(7)] == [True, False, False] * 2 + [True]
+    assert p.alternates and p.fixed_passes
+    assert [p.cycle_terms_at(s) for s in (0, 1)] == [(True, True), (False, False)]
+    assert p.cycle_terms_at(1, training=False) == (True, True)  # evaluation measures every term
+    assert not plan().alternates and not plan().fixed_passes
+
+
+def test_cycle_probability_is_a_draw_of_seed_and_step_only():
+    draws = [plan("loss.cycle_probability=0.25").cycle_runs_at(s) for s in range(4000)]
+    assert draws == [plan("loss.cycle_probability=0.25").cycle_runs_at(s) for s in range(4000)]  # every rank
+    assert abs(sum(draws) / 4000 - 0.25) < 0.03  # binomial sd 0.007
+    assert draws != [plan("loss.cycle_probability=0.25", "training.seed=1").cycle_runs_at(s) for s in range(4000)]
+    both = plan("loss.cycle_probability=0.5", "loss.cycle_every=2")
+    assert not any(both.cycle_runs_at(s) for s in range(1, 400, 2))
+    assert 0.4 < sum(both.cycle_runs_at(s) for s in range(0, 400, 2)) / 200 < 0.6  # sd 0.035
+
+
+def test_restricted_cycle_text_gets_a_micro_step_of_its_own():
+    cfg = load_config(None, ["loss.cycle_stagewise=true", "loss.cycle_text_params=[text_head.*]",
+                             "training.gradient_accumulation_steps=2"])
+    p = ObjectivePlan.from_config(cfg)
+    assert p.micro_step_stages == (1, 2, RESTRICTED_STAGE) and p.stages_per_micro_step == 1 and p.fixed_passes
+    assert load_ds_config(cfg)["gradient_accumulation_steps"] == 6
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.cycle_every=0"], "loss.cycle_every"),
+    (["loss.cycle_probability=0"], "loss.cycle_probability"),
+    (["loss.cycle_probability=1.5"], "loss.cycle_probability"),
+    (["loss.loss_type=l2t", "loss.cycle_every=2"], "loss.cycle_every"),
+    (["loss.cycle_text_params=[text_head.*]"], "loss.cycle_text_params"),  # without cycle_stagewise
+    (["loss.cycle_text_params=['']", "loss.cycle_stagewise=true"], "loss.cycle_text_params"),
+    (["loss.latent_prior_weight=-1"], "loss.latent_prior_weight"),
+    (["loss.latent_prior_target=gauss"], "loss.latent_prior_target"),
+    (["loss.latent_prior_weight=1", "loss.latent_prior_target=data", "data.kind=synthetic"],
+     "loss.latent_prior_target"),
+    (["loss.latent_prior_shape=exp"], "loss.latent_prior_shape"),
+    (["loss.cycle_text_stairs=0"], "loss.cycle_text_stairs"),
+    (["loss.cycle_latent_warmup_steps=-2"], "loss.cycle_latent_warmup_steps"),
+    (["loss.latent_t_curriculum_shape=exp"], "loss.latent_t_curriculum_shape"),
+])
+def test_bad_cycle_options_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, overrides)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from lgdlm_ds.metrics import LOG_NAME, LogError
 from lgdlm_ds.tools import plot as plot_cli
 from core_utils import run_cli
 
@@ -20,12 +21,12 @@ def test_plot_writes_the_figures(packed_run, tmp_path):
 
 
 def test_plot_keeps_the_last_line_of_a_repeated_step(packed_run, tmp_path):
-    lines = (packed_run.run_dir / plot_cli.LOG_NAME).read_text().splitlines()
+    lines = (packed_run.run_dir / LOG_NAME).read_text().splitlines()
     replayed = json.loads(lines[0])
     replayed["loss"] = 123.0  # a resumed run logs the step again; its line is the one that counts
-    (tmp_path / plot_cli.LOG_NAME).write_text("\n".join(lines + [json.dumps(replayed)]) + "\n")
+    (tmp_path / LOG_NAME).write_text("\n".join(lines + [json.dumps(replayed)]) + "\n")
     records = plot_cli.read_log(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["loss"] == 123.0
-    with pytest.raises(plot_cli.PlotError, match="does not exist"):
+    with pytest.raises(LogError, match="does not exist"):
         plot_cli.read_log(tmp_path / "nowhere")

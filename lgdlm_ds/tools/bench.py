@@ -10,11 +10,17 @@ Each variant runs in its own process (same model size, sequence, micro-batch and
   cycle_ac            the same with activation checkpointing per MMDiT block
   cycle_stagewise     stage 1 backpropagated before stage 2 runs
   cycle_stagewise_ac  both
+  cycle_1stream       cycle with one residual stream (plain residuals): the floor the
+                      hyper-connections are measured against
 and a 2-rank ZeRO-3 job counts forward all-gather traffic (DeepSpeed's comms logger) for naive and
-the training path. Per variant: median step time (forward+backward) after a warm-up step, exact
-FLOPs (FlopCounterMode), and peak memory: on CPU the exact peak of live tensor bytes (LiveBytes),
-on CUDA torch.cuda.max_memory_allocated, split into model states (parameters + gradients) and the
-rest. The last line printed is one JSON object with the ratios.
+the training path. Per variant: median step time (forward+backward) after a warm-up step, aten ops
+per step (each at least one kernel launch on a GPU; tools/op_count.py), FLOPs as executed
+(FlopCounterMode: recomputation and the naive step's extra heads included), the objective's model
+FLOPs (lgdlm_ds/flops.py; the same for every cycle variant), real tokens per second, MFU where the
+device's peak is known (fp32: the benchmark runs in fp32; or --peak-tflops), and peak memory: on
+CPU the exact peak of live tensor bytes (LiveBytes), on CUDA torch.cuda.max_memory_allocated,
+split into model states (parameters + gradients) and the rest. The last line printed is one JSON
+object with the ratios.
 """
 from __future__ import annotations
 
@@ -34,19 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
-from torch.utils.flop_counter import FlopCounterMode
 
 from .. import cli
 from ..config import Config, load_config
 from ..data import SyntheticDataset
 from ..diffusion import LatentDiffusion
+from ..flops import StepFlops, flop_counter, peak_tflops, utilisation
 from ..model import build_model
 from ..objectives import TrainStep
 from ..plan import ObjectivePlan
 from .compare import max_rel_diff, param_grads
 from .memtrack import LiveBytes
+from .op_count import OpCounter
 
-VARIANTS = ("naive", "single", "cycle", "cycle_ac", "cycle_stagewise", "cycle_stagewise_ac")
+VARIANTS = ("naive", "single", "cycle", "cycle_ac", "cycle_stagewise", "cycle_stagewise_ac", "cycle_1stream")
 
 
 @dataclass
@@ -76,7 +83,8 @@ def bench_config(sizes: Sizes, variant: str) -> Config:
     return load_config(None, sizes.overrides() + [
         f"loss.loss_type={mode}", "loss.latent_t_mode=random", "loss.cycle_stop_grad_latent=true",
         f"model.activation_checkpointing={variant.endswith('_ac')}",
-        f"loss.cycle_stagewise={variant.startswith('cycle_stagewise')}"])
+        f"loss.cycle_stagewise={variant.startswith('cycle_stagewise')}"]
+        + (["model.num_residual_streams=1"] if variant == "cycle_1stream" else []))
 
 
 class NaiveStep(nn.Module):
@@ -167,9 +175,13 @@ def measure(variant: str, sizes: Sizes) -> dict:
         with LiveBytes() as live:
             run_step(module, batch, 1, seed=1)
         out["peak_other_bytes"] = live.peak
-    with FlopCounterMode(display=False) as flops:
+    with flop_counter() as flops:
         run_step(module, batch, 1, seed=1)
     out["flops"] = flops.get_total_flops()
+    with OpCounter() as ops:
+        run_step(module, batch, 1, seed=1)
+    out["ops"] = ops.total
+    out["model_flops"] = float(StepFlops(cfg)(batch["attention_mask"], 1))
     times = []
     for k in range(sizes.steps):
         if cuda:
@@ -205,11 +217,25 @@ def _machine() -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'variant':<20}{'step s':>9}{'GFLOP':>9}{'model MiB':>11}{'other MiB':>11}"]
+    lines = [f"{'variant':<20}{'step s':>9}{'ops':>9}{'GFLOP':>9}{'model GFLOP':>13}{'tokens/s':>10}{'MFU':>7}"
+             f"{'model MiB':>11}{'other MiB':>11}"]
     for r in rows:
-        lines.append(f"{r['variant']:<20}{r['step_time_s']:>9.2f}{r['flops'] / 1e9:>9.1f}"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"{r['variant']:<20}{r['step_time_s']:>9.2f}{r['ops']:>9,}{r['flops'] / 1e9:>9.1f}"
+                     f"{r['model_flops'] / 1e9:>13.1f}{r['tokens_per_s']:>10.0f}{mfu:>7}"
                      f"{r['model_state_bytes'] / 2**20:>11.1f}{r['peak_other_bytes'] / 2**20:>11.1f}")
     return "\n".join(lines)
+
+
+def _tflops(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a finite number of TFLOP/s >= 0 (0: the device's known peak), "
+                                         f"got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     for field, default in asdict(Sizes()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"default {default}")
     parser.add_argument("--no-zero3", action="store_true", help="skip the 2-rank ZeRO-3 traffic job")
+    parser.add_argument("--peak-tflops", type=_tflops, default=0.0,
+                        help="the device's peak TFLOP/s in fp32 for MFU (default: known GPUs' peaks; none on CPU)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return cli.run(_bench, parser.parse_args(argv))
 
@@ -231,6 +259,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     from .memory import predict_other_bytes
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_tflops(args.peak_tflops, device, torch.float32)
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, "-m", "lgdlm_ds.tools.bench", "--worker", variant] + \
@@ -239,6 +269,8 @@ def _bench(args: argparse.Namespace) -> None:
         if proc.returncode != 0:
             raise cli.CommandFailed(f"benchmark variant {variant} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[-1]["tokens_per_s"] = rows[-1]["tokens_per_step"] / rows[-1]["step_time_s"]
+        rows[-1]["mfu"] = utilisation(rows[-1]["model_flops"], rows[-1]["step_time_s"], 1, peak)[1]
         print(f"[bench] {variant}: {rows[-1]['step_time_s']:.2f} s/step", file=sys.stderr, flush=True)
     r = {row["variant"]: row for row in rows}
     print(f"sizes: {asdict(sizes)}\n" + _table(rows))
@@ -264,6 +296,10 @@ def _bench(args: argparse.Namespace) -> None:
         "naive_vs_cycle_loss_rel_diff": loss_gap,
     }
     summary["cycle_vs_single_time_over_flops"] = summary["cycle_vs_single_time"] / summary["cycle_vs_single_flops"]
+    summary |= {"cycle_ops_per_step": r["cycle"]["ops"], "cycle_1stream_ops_per_step": r["cycle_1stream"]["ops"],
+                "cycle_vs_1stream_time": r["cycle"]["step_time_s"] / r["cycle_1stream"]["step_time_s"],
+                "cycle_vs_1stream_model_flops": r["cycle"]["model_flops"] / r["cycle_1stream"]["model_flops"],
+                "cycle_tokens_per_s": r["cycle"]["tokens_per_s"], "cycle_mfu": r["cycle"]["mfu"]}
     if not args.no_zero3:
         with tempfile.TemporaryDirectory() as tmp:
             z3 = _zero3_traffic(sizes, Path(tmp))

@@ -11,9 +11,9 @@ panel per logged value:
 - ``eval.png``: every eval_* value of the evaluations during training;
 - ``metrics.png``: every other logged value (accuracies, norms, latent times, ...).
 
-A resumed run appends to the log, so steps after the interrupted run's last checkpoint appear
-twice; the later line is the one the run continued from, and only it is plotted. Prints one JSON
-line naming the files written.
+A resumed run logs the steps after its checkpoint again; only the last line per step, the one
+the run continued from, is plotted (``metrics.read_log``). Prints one JSON line naming the files
+written.
 """
 from __future__ import annotations
 
@@ -29,36 +29,12 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import cli  # noqa: E402
-from ..metrics import LOG_NAME  # noqa: E402
+from ..metrics import read_log  # noqa: E402
 
 OPTIMIZATION = ("lr", "grad_norm", "skipped_steps")
 THROUGHPUT = ("samples_per_sec", "tokens_per_sec")
 CYCLE_WEIGHTS = ("cycle_text_weight", "cycle_latent_weight")
 NOT_PLOTTED = ("step", "epoch", "skip_reason", "nonfinite_terms", "eval_nonfinite_terms")
-
-
-class PlotError(ValueError):
-    """A log that cannot be plotted; the message names the file and the fix."""
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    """The log's lines in step order, one per step (the last written wins)."""
-    path = run_dir / LOG_NAME
-    if not path.is_file():
-        raise PlotError(f"{path} does not exist: {run_dir} is no run directory, or the run has not logged a step "
-                        "yet (one line every logging.log_every steps).")
-    by_step: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError) as e:
-            raise PlotError(f"{path} line {n} is not a log record ({e}); remove or repair that line.") from e
-    if not by_step:
-        raise PlotError(f"{path} is empty: the run has not logged a step yet.")
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _numeric(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
