@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint, crash_points, universal, warm_start
+from . import checkpoint, crash_points, shm_names, universal, warm_start
 from .batching import StepBatches, check_global_batch, global_slots, to_device
 from .config import Config, ConfigError
 from .data import METADATA_FILE, build_dataset, check_metadata, read_metadata
@@ -99,6 +99,7 @@ class Trainer:
         self.stop = stop or StopSignal(())
         self.cfg, tr = cfg, cfg.training
         deepspeed.init_distributed()
+        shm_names.release(dist)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.logging.run_dir)
 

@@ -26,6 +26,7 @@ import torch
 from lgdlm_ds.config import load_config
 from lgdlm_ds.ds_config import load_ds_config
 from lgdlm_ds.metrics import LOG_NAME
+from lgdlm_ds.shm_names import SHM_DIR, buffer_name
 from lgdlm_ds.trainer import Trainer, TrainingError
 from core_utils import SMOKE
 from engine_utils import ds_json, record
@@ -77,6 +78,7 @@ def parity(out: Path, world: int) -> dict:
         t = make(out, f"parity_zero{stage}_w{world}", ds_json(out, stage), world=world)
         t.train()
         result[f"zero{stage}"] = log_lines(t)
+    result["shm_names_left"] = [name for name in map(buffer_name, range(world)) if (SHM_DIR / name).exists()]
     return result
 
 

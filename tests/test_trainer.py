@@ -71,6 +71,15 @@ def test_zero_stages_and_rank_counts_give_the_same_losses(job):
             assert norms == pytest.approx([line["grad_norm"] for line in job("parity")["zero0"]], rel=1e-6)
 
 
+def test_the_ranks_leave_no_shared_memory_of_deepspeed_behind(job):
+    """DeepSpeed's CPU all-reduce gives each rank a 69 MB file in /dev/shm and never removes it
+    (lgdlm_ds/shm_names.py): once the trainers are built, no rank's file of the job is left, on 2
+    ranks and on 1, and the runs above trained through the mapped buffers all the same."""
+    for world in (2, 1):
+        for rank in range(world):
+            assert job("parity", world, rank)["shm_names_left"] == []
+
+
 def test_antithetic_text_times_do_not_depend_on_the_rank_count(job):
     """Each sample's text time comes from its slot position in the global batch and its slot's
     noise, so 2 ranks x 1 micro-step and 1 rank x 2 train on the same times: the same losses (and

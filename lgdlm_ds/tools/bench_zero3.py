@@ -16,6 +16,7 @@ import torch
 from deepspeed import comm as dist
 from torch.utils.data import default_collate
 
+from .. import shm_names
 from ..data import SyntheticDataset
 from ..model import build_model
 from .bench import Sizes, bench_config, make_step
@@ -70,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = Sizes(**json.loads(args.sizes))
     deepspeed.init_distributed()
+    shm_names.release(dist)
     naive, cycle = traffic("naive", sizes), traffic("cycle", sizes)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:

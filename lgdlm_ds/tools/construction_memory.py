@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import cli
+from .. import cli, shm_names
 from ..config import ConfigError, load_config
 from ..ds_config import REPO_ROOT, load_ds_config
 from ..partitioned import partitions_parameters
@@ -66,6 +66,7 @@ def worker(construction: str, recipe: str, overrides: list[str], out: Path, buil
     from ..warm_start import apply_init_from
 
     deepspeed.init_distributed()
+    shm_names.release(dist)
     cfg = load_config(recipe, overrides)
     ds = load_ds_config(cfg)
     seed_everything(cfg.training.seed)
