@@ -16,9 +16,11 @@ GPU of this node; NUM_GPUS to choose). Each run is then evaluated by lgdlm_ds.ev
 validation split, from its final checkpoint. The runs resume (``training.resume: auto``): launched
 again, the command continues an unfinished run and only evaluates a finished one again.
 
-Writes OUT/ablation.md and OUT/ablation.json: per run its overrides, the evaluation, and the last
+Writes OUT/ablation.md and OUT/ablation.json: per run its overrides, the evaluation (the one-step
+x0 prediction and the DDIM sample side by side; lgdlm_ds.baselines' rows under the runs), and the last
 line of its training log (one line per step: a resumed run logs some steps twice, the later line
-counts). The last line printed is one JSON object naming both files. Exit status: 0 done, 1 a run
+counts), and OUT/ablation.png, the evaluations as bars beside the baselines (lgdlm_ds.plot). The last
+line printed is one JSON object naming the files. Exit status: 0 done, 1 a run
 failed, 2 bad input, 3 a signal stopped a run after its checkpoint (the same command resumes).
 """
 from __future__ import annotations
@@ -42,11 +44,15 @@ from .fileio import write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ablations" / "recipe.yaml"
 RUNS_FILE = "runs.yaml"
-TABLE_MD, TABLE_JSON = "ablation.md", "ablation.json"
+TABLE_MD, TABLE_JSON, TABLE_PNG = "ablation.md", "ablation.json", "ablation.png"
 # Markdown columns: (header, evaluation metric); every metric is also in the JSON.
 COLUMNS = (("l2t text loss", "l2t_text_loss"), ("l2t token acc.", "l2t_token_accuracy"),
-           ("t2l cosine", "t2l_latent_cosine"), ("t2l retrieval", "t2l_retrieval_accuracy"),
+           ("t2l cosine x0", "t2l_x0_latent_cosine"), ("t2l cosine DDIM", "t2l_latent_cosine"),
+           ("t2l retrieval x0", "t2l_x0_retrieval_accuracy"), ("t2l retrieval DDIM", "t2l_retrieval_accuracy"),
            ("cycle_text token acc.", "cycle_text_token_accuracy"), ("latent information", "latent_information"))
+# Rows under the runs: lgdlm_ds.baselines' predictors, in the columns they have values for.
+BASELINES = (("mean latent", "mean_latent"), ("ridge TF-IDF", "ridge_tfidf"), ("unigram", "unigram"),
+             ("nearest neighbour", "nearest_neighbour"))
 
 
 @dataclass
@@ -135,7 +141,10 @@ def last_log_line(run: Run) -> dict:
 
 
 HEADER = ("Evaluated by lgdlm_ds.evaluate on the validation split, from each run's final checkpoint; "
-          "t2l retrieval: chance in brackets; train loss: the last logged loss of the run's own objective "
+          "t2l x0: the one-step x0 prediction, DDIM: the sampler's latent (evaluate's t2l_steps); "
+          "the baseline rows: lgdlm_ds.baselines, fit on the training split; "
+          "t2l retrieval: in the batch, chance in brackets; "
+          "train loss: the last logged loss of the run's own objective "
           "(not comparable across objectives). ablation.json holds every metric and each run's last log line.")
 
 
@@ -149,16 +158,23 @@ def markdown(rows: list[dict], recipe: Path) -> str:
              "|---" * (len(COLUMNS) + 5) + "|"]
     for row in rows:
         ev, log = row["evaluation"], row["last_log"]
-        cells = [_cell(ev.get(k)) for _, k in COLUMNS]
-        cells[3] += f" ({_cell(ev.get('t2l_retrieval_chance'))})"
+        chance = f" ({_cell(ev.get('t2l_retrieval_chance'))})"
+        cells = [_cell(ev.get(k)) + (chance if k.endswith("_retrieval_accuracy") else "") for _, k in COLUMNS]
         lines.append(f"| {row['run']} | {' '.join(f'`{o}`' for o in row['overrides']) or '—'} | {ev['step']} | "
                      f"{_cell(log.get('loss'))} | " + " | ".join(cells) + f" | {_cell(log.get('skipped_steps'))} |")
+    ev = rows[0]["evaluation"] if rows else {}  # every run has the same data, hence the same baselines
+    for label, name in BASELINES:
+        # A baseline has one T2L latent: it fills the x0 and the DDIM columns alike.
+        cells = [_cell(ev.get(f"baseline_{name}_{k.replace('t2l_x0_', 't2l_')}")) for _, k in COLUMNS]
+        if any(c != "—" for c in cells):
+            lines.append(f"| baseline: {label} | — | — | — | " + " | ".join(cells) + " | — |")
     return "\n".join(lines) + "\n"
 
 
 def ablate(args: argparse.Namespace) -> int | None:
     """Train and evaluate every run, then write the tables; STOPPED_AFTER_SAVE when a signal stopped
     a run (the same command resumes the sweep)."""
+    from .tools.plot import evaluation_figure
     recipe, out = Path(args.recipe).resolve(), Path(args.out)
     runs = plan_runs(recipe, args.overrides, args.steps, out)
     rows = []
@@ -171,9 +187,11 @@ def ablate(args: argparse.Namespace) -> int | None:
                      "evaluation": evaluate(run), "last_log": last_log_line(run)})
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / TABLE_MD, markdown(rows, recipe))
+    evaluation_figure({r["run"]: r["evaluation"] for r in rows}, out / TABLE_PNG, f"ablation: {recipe.parent.name}")
     write_atomic(out / TABLE_JSON, json.dumps({"recipe": str(recipe), "launcher": args.launcher, "steps": args.steps,
                                                "overrides": args.overrides, "runs": rows}, indent=1) + "\n")
-    print(json.dumps({"markdown": str(out / TABLE_MD), "json": str(out / TABLE_JSON), "runs": [r.name for r in runs]}))
+    print(json.dumps({"markdown": str(out / TABLE_MD), "json": str(out / TABLE_JSON), "figure": str(out / TABLE_PNG),
+                      "runs": [r.name for r in runs]}))
 
 
 def main(argv: list[str] | None = None) -> int:

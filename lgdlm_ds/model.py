@@ -37,32 +37,39 @@ from .text_head import TextHead
 TIMESTEP_FREQUENCIES = 256
 
 
-def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQUENCIES, max_period: float = 1e4) -> Tensor:
-    """Sinusoidal embedding of raw t in [0, 1] (the older model never rescaled t)."""
+def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQUENCIES, max_period: float = 1e4,
+                       time_scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding of t * ``time_scale`` (model.time_scale). Its periods run from 2π to
+    2π·max_period, so raw t in [0, 1] (scale 1, what the older model did) turns each cos/sin pair by
+    at most one radian; a scale of 1000 (t in [0, 1000], as DiT-style models use) turns the fast
+    pairs through many periods, so nearby times get distinct embeddings.
+    Multiplying by 1.0 is exact: scale 1 gives the older embedding bit for bit."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = (t.float() * time_scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, frequency_size: int = TIMESTEP_FREQUENCIES):
+    def __init__(self, dim: int, frequency_size: int = TIMESTEP_FREQUENCIES, time_scale: float = 1.0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.time_scale = time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.frequency_size)
+        emb = timestep_embedding(t, self.frequency_size, time_scale=self.time_scale)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class Conditioning(nn.Module):
-    """One conditioning vector from the text and latent times, shared by every block."""
+    """One conditioning vector from the text and latent times, shared by every block; both times
+    are embedded at the same ``time_scale``."""
 
-    def __init__(self, cond_dim: int):
+    def __init__(self, cond_dim: int, time_scale: float = 1.0):
         super().__init__()
-        self.text_sigma_map = TimestepEmbedder(cond_dim)
-        self.latent_sigma_map = TimestepEmbedder(cond_dim)
+        self.text_sigma_map = TimestepEmbedder(cond_dim, time_scale=time_scale)
+        self.latent_sigma_map = TimestepEmbedder(cond_dim, time_scale=time_scale)
         self.combine = nn.Sequential(nn.Linear(2 * cond_dim, 4 * cond_dim), nn.SiLU(),
                                      nn.Linear(4 * cond_dim, cond_dim))
 
@@ -151,7 +158,7 @@ class LGDLM(nn.Module):
         H, C = cfg.hidden_size, cfg.cond_dim
         self.text_encoder = TextEncoder(cfg.vocab_size, H, cfg.max_seq_len)
         self.latent_encoder = LatentEncoder(cfg.latent_dim, H)
-        self.conditioning = Conditioning(C)
+        self.conditioning = Conditioning(C, cfg.time_scale)
         with _scalar_params_as_1d() as reshaped:
             self.mmdit = MMDiT(depth=cfg.n_blocks, dim_modalities=(H, H), dim_cond=C,
                                num_residual_streams=cfg.num_residual_streams,

@@ -49,7 +49,8 @@ def test_seven_runs_trained_evaluated_and_tabled(tmp_path, world_of_one, capsys)
 
     md = (out / ablate.TABLE_MD).read_text().splitlines()
     rows = [line for line in md if line.startswith("| ") and not line.startswith("| run ")]
-    assert [r.split("|")[1].strip() for r in rows] == RUNS
+    assert [r.split("|")[1].strip() for r in rows] == RUNS + [f"baseline: {label}" for label, _ in ablate.BASELINES]
+    assert (out / ablate.TABLE_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len({len(line.split("|")) for line in md if line.startswith("|")}) == 1  # every row has every column
 
     # A resumed run logs some steps again: the table keeps the last line of each step.

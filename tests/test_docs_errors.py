@@ -200,6 +200,10 @@ def test_configuration_rows_through_a_real_process(row, tmp_path, monkeypatch, r
         tmp.chmod(0o755)
         bad_config.earlier_start(tmp)
         args = case.args(tmp)
+        if as_user:  # that user may not read the checkout either: the recipe and its JSON, copied
+            recipe = Path(shutil.copy(args[0], tmp / "recipe.yaml"))
+            ds_json = shutil.copy(ROOT / load_config(recipe).training.ds_config, tmp / "ds.json")
+            args = [str(recipe), *args[1:], f"training.ds_config={ds_json}"]
         before = snapshot(tmp)
         if as_user:
             monkeypatch.chdir(ROOT)

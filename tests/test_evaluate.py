@@ -24,6 +24,12 @@ from engine_utils import LEARN_STEPS, SYNTHETIC, launch, train_run
 
 CONTRACT = ("l2t_token_accuracy", "l2t_text_loss", "t2l_latent_cosine", "t2l_retrieval_accuracy",
             "cycle_text_token_accuracy", "text_loss_without_latent", "num_samples", "step")
+T2L_METRICS = ("latent_cosine", "retrieval_accuracy", "latent_mse", "retrieval_accuracy_at_8")
+# The model's DDIM sample and x0 prediction, then the baselines, each with every T2L metric.
+T2L_KEYS = tuple(f"{p}_{m}" for p in ("t2l", "t2l_x0", "baseline_mean_latent_t2l", "baseline_ridge_tfidf_t2l")
+                 for m in T2L_METRICS)
+L2T_BASELINES = ("baseline_unigram_l2t_text_loss", "baseline_unigram_l2t_token_accuracy",
+                 "baseline_nearest_neighbour_l2t_token_accuracy")
 
 
 def test_evaluate_command_prints_the_contract_line(packed_run):
@@ -33,15 +39,21 @@ def test_evaluate_command_prints_the_contract_line(packed_run):
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(CONTRACT) <= set(result)
+    assert set(CONTRACT + T2L_KEYS + L2T_BASELINES) <= set(result)
     assert result["step"] == 3 and result["num_samples"] == 8 and result["t2l_retrieval_chance"] == 0.25
+    assert "t2l_retrieval_accuracy_at_64" not in result  # 8 samples: the pool of 64 does not fit
+    # Pools of all 8 samples: the mean latent ranks the same target first for every text, so 1 of 8.
+    assert result["baseline_mean_latent_t2l_retrieval_accuracy_at_8"] == pytest.approx(1 / 8)
+    assert result["baseline_train_samples"] > 8 and result["baseline_fit_seconds"] >= 0
     for key, value in result.items():
         if isinstance(value, float):
             assert math.isfinite(value), key
     for key in ("l2t_token_accuracy", "t2l_retrieval_accuracy", "cycle_text_token_accuracy",
-                "l2t_decode_token_accuracy"):
+                "l2t_decode_token_accuracy", *L2T_BASELINES[1:], *(k for k in T2L_KEYS if "retrieval" in k)):
         assert 0.0 <= result[key] <= 1.0
     assert -1.0 <= result["t2l_latent_cosine"] <= 1.0 and result["l2t_text_loss"] > 0
+    # Two DDIM steps: the x0 prediction is another latent than the sample's.
+    assert result["t2l_x0_latent_mse"] != result["t2l_latent_mse"]
 
 
 def test_evaluate_is_deterministic_and_works_on_the_engine(packed_run):
@@ -54,6 +66,9 @@ def test_evaluate_is_deterministic_and_works_on_the_engine(packed_run):
     loaded = load(packed_run.run_dir)
     assert evaluate(loaded.model, cfg, batches, **kwargs) == pytest.approx(first, rel=1e-5, abs=1e-6)
     assert evaluate(loaded.model, cfg, batches, **{**kwargs, "seed": 4}) != first  # the seed is used
+    one_step = evaluate(loaded.model, cfg, batches, seed=3, t2l_steps=1)
+    for key in ("latent_cosine", "retrieval_accuracy", "latent_mse", "retrieval_accuracy_at_4"):
+        assert one_step[f"t2l_x0_{key}"] == one_step[f"t2l_{key}"]  # one step: the sample is the x0 prediction
 
 
 TWO_RANK_RUN = SYNTHETIC + ["data.num_samples=16", "data.val_fraction=0.5", "loss.loss_type=cycle_vae",
@@ -116,9 +131,12 @@ def test_a_model_trained_longer_on_a_tiny_subset_learns_l2t(learned_run):
     model is at chance (1/126 per token) and the trained one reads at least half the tokens from
     the latent alone (0.78 when this was written), which carries > 1 nat per token."""
     run = learned_run.run_dir
-    rc, (untrained,), _ = run_cli(evaluate_cli.main, run, "--split", "train", "--untrained")
+    rc, (untrained,), _ = run_cli(evaluate_cli.main, run, "--split", "train", "--untrained", "--no-baselines")
     rc2, (trained,), _ = run_cli(evaluate_cli.main, run, "--split", "train")
     assert rc == rc2 == 0
+    assert not any(k.startswith("baseline_") for k in untrained)
+    # On the training split the nearest neighbour of a true latent is its own sentence.
+    assert trained["baseline_nearest_neighbour_l2t_token_accuracy"] == 1.0
     assert untrained["step"] == 0 and trained["step"] == LEARN_STEPS and trained["num_samples"] == 16
     assert untrained["l2t_token_accuracy"] < 0.05
     assert trained["l2t_token_accuracy"] > 0.5

@@ -1,18 +1,25 @@
 """The MMDiT text+latent model: the older shape and checkpoint layout, heads, qk-norm, attention,
-activation checkpointing, and ``python -m lgdlm_ds.model``."""
+activation checkpointing, the time embedding's scale, and ``python -m lgdlm_ds.model``."""
 import copy
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
+from lgdlm_ds import export as export_cli
 from lgdlm_ds.config import ModelConfig
-from lgdlm_ds.model import build_model, load_upstream_state_dict, parameter_counts, upstream_state_dict
+from lgdlm_ds.evaluate import load_batches
+from lgdlm_ds.loading import load
+from lgdlm_ds.model import (TIMESTEP_FREQUENCIES, build_model, load_upstream_state_dict, parameter_counts,
+                            timestep_embedding, upstream_state_dict)
 from lgdlm_ds.tools.compare import max_rel_diff
-from core_utils import SMOKE, loss_and_grads, tiny_batch, tiny_config, tiny_step
-from precision import assert_fp32_agree, fp64_throughout
+from core_utils import SMOKE, loss_and_grads, run_cli, tiny_batch, tiny_config, tiny_step
+from engine_utils import SYNTHETIC, train_run
+from precision import FP32_EPS, assert_fp32_agree, fp64_throughout
 
 OLDER_SHAPE = ModelConfig(vocab_size=30522, hidden_size=1024, cond_dim=1024, n_blocks=24, max_seq_len=2048,
                           latent_dim=32, num_residual_streams=2, attn_heads=8, attn_dim_head=64)
@@ -134,3 +141,71 @@ def test_activation_checkpointing_is_exact():
         results.append(loss_and_grads(step, batch, at_step=3))
     assert torch.equal(results[0][0], results[1][0])
     assert max_rel_diff(results[0][2], results[1][2]) == 0.0
+
+
+def _embedding_distance(a: float, b: float, time_scale: float) -> float:
+    """|e(a) - e(b)| in closed form (fp64): each cos/sin pair at frequency f lies on the unit circle,
+    so the pair moves by the chord 2 sin(time_scale (a - b) f / 2)."""
+    half = TIMESTEP_FREQUENCIES // 2
+    freqs = [math.exp(-math.log(1e4) * i / half) for i in range(half)]
+    return 2 * math.sqrt(sum(math.sin(time_scale * (a - b) * f / 2) ** 2 for f in freqs))
+
+
+def test_time_scale_separates_nearby_times():
+    t = torch.tensor([0.98, 1.0])
+    a = float(t[0])  # 0.98 as fp32 holds it
+    measured, predicted = {}, {}
+    for scale in (1.0, 1000.0):
+        e = timestep_embedding(t, time_scale=scale)
+        measured[scale] = float((e[0] - e[1]).norm())
+        predicted[scale] = _embedding_distance(a, 1.0, scale)
+        # fp32: each argument scale * t * f is off by at most ~3 rounding errors of its size (<= scale),
+        # each cos/sin by one more; the difference of two embeddings, 2 x that per component.
+        bound = math.sqrt(TIMESTEP_FREQUENCIES) * 2 * (3 * scale + 1) * FP32_EPS
+        assert abs(measured[scale] - predicted[scale]) <= bound, (scale, measured[scale], predicted[scale])
+    assert predicted[1.0] == pytest.approx(0.0546, abs=1e-4)  # at scale 1 only the slow frequencies move
+    ratio = measured[1000.0] / measured[1.0]
+    assert ratio == pytest.approx(predicted[1000.0] / predicted[1.0], rel=1e-3) and ratio > 150
+
+
+def test_time_scale_default_is_the_older_embedding_bitwise():
+    t = torch.rand(64, dtype=torch.float64)
+    half = TIMESTEP_FREQUENCIES // 2
+    freqs = torch.exp(-math.log(1e4) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # the older model's embedding of raw t
+    older = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    assert torch.equal(timestep_embedding(t), older) and torch.equal(timestep_embedding(t, time_scale=1.0), older)
+    assert ModelConfig().time_scale == 1.0
+    # The scale changes no weight: a checkpoint of either loads into the other, and the same seed
+    # builds the same weights; only the conditioning at the same times differs, through both the
+    # text and the latent time.
+    torch.manual_seed(0)
+    plain = build_model(tiny_config("model.time_scale=1").model)
+    torch.manual_seed(0)
+    scaled = build_model(tiny_config("model.time_scale=1000").model)
+    assert all(torch.equal(v, scaled.state_dict()[k]) for k, v in plain.state_dict().items())
+    half, zeros = torch.full((4,), 0.5), torch.zeros(4)
+    with torch.no_grad():
+        for text_t, latent_t in ((half, zeros), (zeros, half)):
+            assert torch.equal(plain.conditioning(zeros, zeros), scaled.conditioning(zeros, zeros))
+            assert not torch.allclose(plain.conditioning(text_t, latent_t), scaled.conditioning(text_t, latent_t))
+    for bad in ("0", "-1", "inf"):
+        with pytest.raises(ValueError, match="model.time_scale"):
+            tiny_config(f"model.time_scale={bad}")
+
+
+def test_time_scale_round_trips_through_the_run_and_export(tmp_path):
+    """config.yaml carries the key, so loading the run or its export rebuilds the same model."""
+    trainer = train_run(tmp_path, 0, SYNTHETIC + ["model.time_scale=1000", "data.num_samples=16", "data.val_fraction=0.25",
+                                                  "training.micro_batch_size=4", "training.num_train_steps=1"])
+    assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["model"]["time_scale"] == 1000.0
+    rc, _, err = run_cli(export_cli.main, trainer.run_dir, "--out", tmp_path / "export")
+    assert rc == 0, err
+    batch = load_batches(trainer.cfg, "validation", 2, 1)[0]
+    times = torch.full((2,), 0.98)
+    with torch.no_grad():
+        engine = trainer.engine.module.model.eval()(batch["input_ids"], batch["latent"], times, times)[1]
+        for source in (trainer.run_dir, tmp_path / "export"):
+            model = load(source).model
+            assert [m.time_scale for m in model.conditioning.children() if hasattr(m, "time_scale")] == [1000.0] * 2
+            assert torch.equal(model(batch["input_ids"], batch["latent"], times, times)[1], engine)

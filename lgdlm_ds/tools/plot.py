@@ -1,4 +1,4 @@
-"""Figures of a run's training log: ``python -m lgdlm_ds.plot RUN_DIR [--out DIR]``.
+"""Figures of a run's training log: ``python -m lgdlm_ds.plot RUN_DIR [--out DIR] [--evaluation FILE]``.
 
 Reads ``RUN_DIR/training_log.jsonl`` and writes PNGs into ``RUN_DIR/plots`` (or ``--out``), one
 panel per logged value:
@@ -10,6 +10,13 @@ panel per logged value:
 - ``throughput.png``: samples and tokens per second;
 - ``eval.png``: every eval_* value of the evaluations during training;
 - ``metrics.png``: every other logged value (accuracies, norms, latent times, ...).
+
+With ``--evaluation FILE`` (the JSON line lgdlm_ds.evaluate prints last, saved to a file, or an
+``ablation.json`` of lgdlm_ds.ablate) also ``evaluation.png``: the held-out metrics as bars, one
+group per run: T2L cosine and retrieval (in the batch and over pools of 64) with the one-step x0
+prediction and the DDIM sample side by side, L2T text loss and token accuracy; every baseline
+(``baseline_*``) as a dashed line. The baselines are the first evaluation's: the runs of one
+ablation share their data, hence their baselines. lgdlm_ds.ablate draws it as ``ablation.png``.
 
 A resumed run logs the steps after its checkpoint again; only the last line per step, the one
 the run continued from, is plotted (``metrics.read_log``). Prints one JSON line naming the files
@@ -29,12 +36,24 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import cli  # noqa: E402
-from ..metrics import read_log  # noqa: E402
+from ..metrics import LogError, read_log  # noqa: E402
 
 OPTIMIZATION = ("lr", "grad_norm", "skipped_steps")
 THROUGHPUT = ("samples_per_sec", "tokens_per_sec")
 CYCLE_WEIGHTS = ("cycle_text_weight", "cycle_latent_weight")
 NOT_PLOTTED = ("step", "epoch", "skip_reason", "nonfinite_terms", "eval_nonfinite_terms")
+# Evaluation panels: (title, model keys drawn as bars side by side, the metric the baselines' keys end in).
+EVALUATION_PANELS = (
+    ("t2l latent cosine", (("x0", "t2l_x0_latent_cosine"), ("DDIM", "t2l_latent_cosine")), "t2l_latent_cosine"),
+    ("t2l retrieval in the batch", (("x0", "t2l_x0_retrieval_accuracy"), ("DDIM", "t2l_retrieval_accuracy")),
+     "t2l_retrieval_accuracy"),
+    ("t2l retrieval among 64", (("x0", "t2l_x0_retrieval_accuracy_at_64"), ("DDIM", "t2l_retrieval_accuracy_at_64")),
+     "t2l_retrieval_accuracy_at_64"),
+    ("l2t text loss (nats/token)", (("model", "l2t_text_loss"), ("no latent", "text_loss_without_latent")),
+     "l2t_text_loss"),
+    ("l2t token accuracy", (("model", "l2t_token_accuracy"),), "l2t_token_accuracy"),
+)
+BASELINE_NAMES = ("mean_latent", "ridge_tfidf", "unigram", "nearest_neighbour")
 
 
 def _numeric(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -102,15 +121,66 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return written
 
 
+def read_evaluations(path: str | Path) -> dict[str, dict]:
+    """Evaluations by run name from ``path``: one evaluate line (named after its file) or an ablation.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LogError(f"--evaluation {path}: cannot read a JSON object ({e}); save the last line of "
+                       "python -m lgdlm_ds.evaluate, or pass an ablation.json.") from e
+    if isinstance(data, dict) and isinstance(data.get("runs"), list):
+        return {r["run"]: r["evaluation"] for r in data["runs"]}
+    if isinstance(data, dict) and "t2l_latent_cosine" in data:
+        return {path.stem: data}
+    raise LogError(f"--evaluation {path}: neither an evaluation (no t2l_latent_cosine) nor an ablation.json "
+                   "(no runs).")
+
+
+def evaluation_figure(evaluations: dict[str, dict], path: Path, title: str) -> Path:
+    """The evaluation figure of the module doc for ``evaluations`` (run name -> evaluate's metrics)."""
+    first = next(iter(evaluations.values()))
+    panels = [(t, bars, b) for t, bars, b in EVALUATION_PANELS if any(k in first for _, k in bars)]
+    panel_width = max(3.2, 0.8 * len(evaluations) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.6), squeeze=False)
+    for ax, (panel, bars, baseline_metric) in zip(axes.flat, panels):
+        width = 0.8 / len(bars)
+        for b, (label, key) in enumerate(bars):
+            xs = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(evaluations))]
+            ax.bar(xs, [ev.get(key, math.nan) for ev in evaluations.values()], width, label=label)
+        for c, name in enumerate(BASELINE_NAMES):  # a colour each, after the two bars' C0 and C1
+            value = first.get(f"baseline_{name}_{baseline_metric}")
+            if value is not None:
+                ax.axhline(value, linestyle="--", linewidth=1, color=f"C{2 + c}", label=name.replace("_", " "))
+        ax.set_xticks(range(len(evaluations)), list(evaluations), rotation=30, ha="right", fontsize=7)
+        ax.set_title(panel, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("plot", __doc__)
     parser.add_argument("run_dir", help="run directory holding training_log.jsonl")
     parser.add_argument("--out", default=None, help="directory for the PNGs (default: RUN_DIR/plots)")
+    parser.add_argument("--evaluation", default=None, help="a file holding lgdlm_ds.evaluate's JSON line, or an "
+                        "ablation.json: also draw evaluation.png")
     return cli.run(_plot, parser.parse_args(argv))
 
 
 def _plot(args: argparse.Namespace) -> None:
-    print(json.dumps({"written": [str(p) for p in plot(args.run_dir, args.out)]}))
+    evaluations = read_evaluations(args.evaluation) if args.evaluation else None  # bad input before any work
+    written = plot(args.run_dir, args.out)
+    if evaluations:
+        out = Path(args.out) if args.out is not None else Path(args.run_dir) / "plots"
+        written.append(evaluation_figure(evaluations, out / "evaluation.png",
+                                         f"{Path(args.run_dir).name}: held-out evaluation"))
+    print(json.dumps({"written": [str(p) for p in written]}))
 
 
 if __name__ == "__main__":
