@@ -21,6 +21,9 @@ from lgdlm_ds.config import load_config
 # The variables a launcher sets for each rank.
 WORLD_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
+# Log keys that measure the machine, not the training: they differ between any two runs.
+TIMING_KEYS = frozenset({"samples_per_sec", "tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "data_loading_share"})
+
 
 def free_port() -> int:
     with socket.socket() as s:

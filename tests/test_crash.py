@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from core_utils import ROOT, SMOKE
-from engine_utils import RUN, SYNTHETIC, WORLD_KEYS, free_port
+from engine_utils import RUN, SYNTHETIC, TIMING_KEYS, WORLD_KEYS, free_port
 from lgdlm_ds import checkpoint
 from lgdlm_ds.config import ConfigError
 from lgdlm_ds.crash_points import EXIT_STATUS, HOOK, announcement, parse, target
@@ -38,8 +38,6 @@ STEPS, SAVE_EVERY = 12, 2
 CRASH_RUN = [*RUN, *SYNTHETIC, "data.path=", "data.standardize_latents=false", "data.num_samples=9",
              "data.val_fraction=0.5", "training.micro_batch_size=2", f"training.num_train_steps={STEPS}",
              "training.lr=3e-3", "training.eval_every=0", f"logging.save_every={SAVE_EVERY}", "training.keep_last=1"]
-TIMING = {"samples_per_sec", "tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "data_loading_share"}
-"""Keys that measure the machine, not the training: they differ between any two runs."""
 WORLD_INFO = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
 SHARDS = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
           "zero_pp_rank_1_mp_rank_00_optim_states.pt")
@@ -76,7 +74,7 @@ def _finish(proc: subprocess.Popen, crash: str | None) -> str:
 
 def _trajectory(run_dir: Path) -> list[dict]:
     """The log as its readers see it (the last line per step), without timings and replay marks."""
-    return [{k: v for k, v in line.items() if k not in TIMING | {"resumed_from"}} for line in read_log(run_dir)]
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS | {"resumed_from"}} for line in read_log(run_dir)]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from core_utils import ROOT, SMOKE
-from engine_utils import WORLD_KEYS, free_port
+from engine_utils import TIMING_KEYS, WORLD_KEYS, free_port
 from lgdlm_ds.crash_points import EXIT_STATUS, HOOK as CRASH_HOOK
 from lgdlm_ds.metrics import LOG_NAME, read_log
 from lgdlm_ds.preemption import HOOK as SIGNAL_HOOK
@@ -38,8 +38,6 @@ pytestmark = pytest.mark.slow
 STEPS, CHANGED_AT = 1000, 400
 LONG_RUN = [f"training.num_train_steps={STEPS}", "training.micro_batch_size=4", "logging.save_every=100",
             "logging.log_every=1", "training.eval_every=0", "training.keep_last=2"]
-TIMING = {"samples_per_sec", "tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "data_loading_share"}
-"""Keys that measure the machine, not the training."""
 STOPPED = 3  # cli.STOPPED_AFTER_SAVE
 
 
@@ -75,7 +73,7 @@ def _finish(proc: subprocess.Popen, status: int) -> str:
 
 def _trajectory(run_dir: Path) -> dict[int, dict]:
     """The log as its readers see it (the last line per step), without timings and replay marks."""
-    return {line["step"]: {k: v for k, v in line.items() if k not in TIMING | {"resumed_from"}}
+    return {line["step"]: {k: v for k, v in line.items() if k not in TIMING_KEYS | {"resumed_from"}}
             for line in read_log(run_dir)}
 
 

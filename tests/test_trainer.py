@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core_utils import ROOT
-from engine_utils import RUN, SYNTHETIC, WORLD_KEYS, free_port, launch
+from engine_utils import RUN, SYNTHETIC, TIMING_KEYS, WORLD_KEYS, free_port, launch
 from lgdlm_ds.metrics import LOG_NAME
 from lgdlm_ds.preemption import HOOK
 
@@ -240,10 +240,9 @@ def test_a_stopped_run_saves_exits_3_and_resumes_exactly(tmp_path):
     assert status == 0, output[-6000:]
     resumed, reference = _trajectory(stopped), _trajectory(straight)
     assert list(resumed) == list(reference) == list(range(1, STEPS + 1))
-    timing = {"samples_per_sec", "tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "data_loading_share"}
     for step, line in resumed.items():  # every loss term, lr, grad_norm, ...: bitwise
-        assert {k: v for k, v in line.items() if k not in timing} == {
-            k: v for k, v in reference[step].items() if k not in timing}, step
+        assert {k: v for k, v in line.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in reference[step].items() if k not in TIMING_KEYS}, step
 
 
 def test_two_ranks_stop_after_the_same_step_when_one_got_the_signal(tmp_path):
