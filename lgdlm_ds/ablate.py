@@ -1,9 +1,10 @@
 """The ablation matrix: seven runs over one base recipe, each trained, then evaluated, in one table.
 
     python -m lgdlm_ds.ablate [--launcher local|deepspeed] [--steps N] [--out DIR] [--recipe RECIPE.yaml]
-                              [section.key=value ...]
+                              [--runs RUNS.yaml] [--report FILE.md] [section.key=value ...]
 
-The runs are named in ``runs.yaml`` beside the recipe (default recipes/ablations/): the baselines
+The runs are named in ``runs.yaml`` beside the recipe (default recipes/ablations/; ``--runs`` names
+another file, e.g. recipes/ablations/runs.yaml for the matrix over another recipe): the baselines
 l2t, t2l, unconditional and random, then cycle_vae (base L2T + base T2L) with cycle_text only, with
 cycle_latent only, and with both. A run's config is the recipe, then the command's overrides (for
 every run: sizes, data, learning rate), then the run's own overrides from runs.yaml (a command
@@ -20,7 +21,13 @@ Writes OUT/ablation.md and OUT/ablation.json: per run its overrides, the evaluat
 x0 prediction and the DDIM sample side by side; lgdlm_ds.baselines' rows under the runs), and the last
 line of its training log (one line per step: a resumed run logs some steps twice, the later line
 counts), and OUT/ablation.png, the evaluations as bars beside the baselines (lgdlm_ds.plot). The last
-line printed is one JSON object naming the files. Exit status: 0 done, 1 a run
+line printed is one JSON object naming the files.
+
+``--report FILE.md`` also writes a report for a results page (docs/results.md): the command, the
+machine and the versions, each run's training time, the table, and the figures copied into a folder
+beside it (FILE/ablation.png and FILE/eval_curves.png, every run's validation losses during
+training, when the runs log them: training.eval_every). Everything below the line ``REPORT_NOTES`` in an existing FILE.md, the reading of the
+table written by hand, is kept. Exit status: 0 done, 1 a run
 failed, 2 bad input, 3 a signal stopped a run after its checkpoint (the same command resumes).
 """
 from __future__ import annotations
@@ -29,9 +36,14 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import platform
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ablations" / "recipe.yaml"
 RUNS_FILE = "runs.yaml"
 TABLE_MD, TABLE_JSON, TABLE_PNG = "ablation.md", "ablation.json", "ablation.png"
+CURVES_PNG = "eval_curves.png"
+REPORT_NOTES = "<!-- Written by hand below this line: python -m lgdlm_ds.ablate --report keeps it. -->"
 # Markdown columns: (header, evaluation metric); every metric is also in the JSON.
 COLUMNS = (("l2t text loss", "l2t_text_loss"), ("l2t token acc.", "l2t_token_accuracy"),
            ("t2l cosine x0", "t2l_x0_latent_cosine"), ("t2l cosine DDIM", "t2l_latent_cosine"),
@@ -63,12 +77,11 @@ class Run:
     run_dir: Path
 
 
-def read_runs(recipe: Path) -> dict[str, list[str]]:
-    """The run names and their overrides from ``runs.yaml`` beside ``recipe``."""
-    path = recipe.with_name(RUNS_FILE)
+def read_runs(path: Path) -> dict[str, list[str]]:
+    """The run names and their overrides from a runs file (``runs.yaml`` beside the recipe)."""
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: the ablation runs are listed beside the recipe "
-                          f"(see {RECIPE.with_name(RUNS_FILE).relative_to(ROOT)}).")
+        raise ConfigError(f"{path} does not exist: the ablation runs are listed beside the recipe or named by "
+                          f"--runs (see {RECIPE.with_name(RUNS_FILE).relative_to(ROOT)}).")
     runs = yaml.safe_load(path.read_text())
     if not isinstance(runs, dict) or not runs:
         raise ConfigError(f"{path} must map run names to lists of section.key=value overrides.")
@@ -84,14 +97,14 @@ def _keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].strip() for o in overrides}
 
 
-def plan_runs(recipe: Path, overrides: list[str], steps: int | None, out: Path) -> list[Run]:
+def plan_runs(recipe: Path, runs_file: Path, overrides: list[str], steps: int | None, out: Path) -> list[Run]:
     """Every run's overrides, each config loaded and checked (ConfigError naming the run)."""
     from .trainer import preflight
     if not recipe.is_file():
         raise ConfigError(f"recipe '{recipe}' does not exist.")
-    runs = read_runs(recipe)
+    runs = read_runs(runs_file)
     if clash := sorted(_keys(overrides) & set().union(*map(_keys, runs.values()))):
-        raise ConfigError(f"{', '.join(clash)}: set by the runs themselves ({recipe.with_name(RUNS_FILE)}); an "
+        raise ConfigError(f"{', '.join(clash)}: set by the runs themselves ({runs_file}); an "
                           "override for every run cannot change it. Edit the recipe or the runs file instead.")
     planned = []
     for name, run_overrides in runs.items():
@@ -176,22 +189,74 @@ def ablate(args: argparse.Namespace) -> int | None:
     a run (the same command resumes the sweep)."""
     from .tools.plot import evaluation_figure
     recipe, out = Path(args.recipe).resolve(), Path(args.out)
-    runs = plan_runs(recipe, args.overrides, args.steps, out)
+    runs_file = Path(args.runs).resolve() if args.runs else recipe.with_name(RUNS_FILE)
+    report = Path(args.report) if args.report else None
+    if report is not None and report.suffix != ".md":
+        raise ConfigError(f"--report {report}: name a Markdown file (FILE.md); its figures go into FILE/ beside it.")
+    runs = plan_runs(recipe, runs_file, args.overrides, args.steps, out)
     rows = []
     for run in runs:
         print(f"[ablate] {run.name}: training into {run.run_dir}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         if train(run, recipe, args.launcher) == cli.STOPPED_AFTER_SAVE:
             print(f"[ablate] stopped during {run.name}; the same command resumes.", file=sys.stderr)
             return cli.STOPPED_AFTER_SAVE
         rows.append({"run": run.name, "overrides": run.overrides, "run_dir": str(run.run_dir),
+                     "train_seconds": round(time.perf_counter() - started, 1),
                      "evaluation": evaluate(run), "last_log": last_log_line(run)})
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / TABLE_MD, markdown(rows, recipe))
     evaluation_figure({r["run"]: r["evaluation"] for r in rows}, out / TABLE_PNG, f"ablation: {recipe.parent.name}")
-    write_atomic(out / TABLE_JSON, json.dumps({"recipe": str(recipe), "launcher": args.launcher, "steps": args.steps,
+    write_atomic(out / TABLE_JSON, json.dumps({"recipe": str(recipe), "runs_file": str(runs_file),
+                                               "launcher": args.launcher, "steps": args.steps,
                                                "overrides": args.overrides, "runs": rows}, indent=1) + "\n")
-    print(json.dumps({"markdown": str(out / TABLE_MD), "json": str(out / TABLE_JSON), "figure": str(out / TABLE_PNG),
-                      "runs": [r.name for r in runs]}))
+    written = {"markdown": str(out / TABLE_MD), "json": str(out / TABLE_JSON), "figure": str(out / TABLE_PNG)}
+    if report is not None:
+        written["report"] = str(write_report(report, rows, recipe, out, args.argv))
+    print(json.dumps({**written, "runs": [r.name for r in runs]}))
+
+
+def machine() -> str:
+    """The CPU (or GPU), the threads and the versions the numbers were measured with."""
+    from importlib.metadata import version
+
+    import torch
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = names[0] if names else platform.processor() or "an unnamed CPU"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+    return (f"{device}; " + ", ".join(f"{name} {version(name)}" for name in ("torch", "deepspeed", "mmdit"))
+            + f", Python {platform.python_version()}")
+
+
+def write_report(path: Path, rows: list[dict], recipe: Path, out: Path, argv: list[str]) -> Path:
+    """The report of the module doc; keeps the hand-written notes of an existing ``path``."""
+    from .tools.plot import eval_curves_figure
+    figures = path.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / TABLE_PNG, figures / TABLE_PNG)
+    curves = eval_curves_figure({r["run"]: Path(r["run_dir"]) for r in rows}, figures / CURVES_PNG,
+                                "validation losses during training")
+    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
+    notes = previous[previous.index(REPORT_NOTES):] if REPORT_NOTES in previous else REPORT_NOTES + "\n"
+    minutes = ", ".join(f"{r['run']} {r['train_seconds'] / 60:.1f}" for r in rows)
+    table = markdown(rows, recipe).split("\n", 2)[2]  # without its title
+    rel = figures.name
+    text = "\n".join([
+        "# Results", "",
+        f"Written by `python -m lgdlm_ds.ablate {shlex.join(argv)}` on {time.strftime('%Y-%m-%d')} "
+        f"(the run directories and ablation.json: `{out}`).", "",
+        f"Machine: {machine()}.", "",
+        f"Training minutes per run, as this command measured them (a resumed run: its last part): {minutes}.", "",
+        table,
+        f"![evaluation of every run beside the baselines]({rel}/{TABLE_PNG})", "",
+        f"![validation losses during training]({rel}/{CURVES_PNG})" if curves else
+        "No validation losses during training: the runs logged none (training.eval_every 0).", "",
+        notes])
+    write_atomic(path, text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/ablations", help="run directories and tables (default runs/ablations)")
     parser.add_argument("--recipe", default=str(RECIPE),
                         help=f"base recipe, with {RUNS_FILE} beside it (default recipes/ablations/recipe.yaml)")
+    parser.add_argument("--runs", default=None, help=f"the runs file (default: {RUNS_FILE} beside the recipe)")
+    parser.add_argument("--report", default=None, help="also write a results page here (FILE.md, figures in FILE/)")
     cli.add_overrides(parser, "every run")
     args = parser.parse_intermixed_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1.")
     return cli.run(ablate, args)

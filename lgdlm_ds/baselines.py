@@ -166,7 +166,7 @@ class Baselines:
         self.ridge_lambda, self.ridge_cv_errors = choose_lambda(x, latents, folds)
         self.ridge_w, self.ridge_b = ridge(x, latents, self.ridge_lambda)
         self.log_probs = unigram_log_probs(ids, real, vocab_size)
-        self.train_ids = ids
+        self.train_ids, self.train_real = ids, real
         self.train_directions = F.normalize(to_data(latents), dim=-1)
         self.to_data = to_data
 
@@ -185,9 +185,12 @@ class Baselines:
     def nearest_neighbour(self, ids: Tensor, real: Tensor, latents: Tensor) -> Tensor:
         """Correct tokens of the training sentences whose latents are nearest to ``latents`` (model
         space), compared position by position with ``ids`` at its real positions."""
+        return ((self.train_ids[self.nearest(latents)] == ids.cpu()) & real.cpu()).sum()
+
+    def nearest(self, latents: Tensor) -> Tensor:
+        """Index of the training sample whose latent is nearest (cosine) to each of ``latents`` (model space)."""
         directions = F.normalize(self.to_data(latents.cpu().double()), dim=-1)
-        nearest = (directions @ self.train_directions.T).argmax(1)
-        return ((self.train_ids[nearest] == ids.cpu()) & real.cpu()).sum()
+        return (directions @ self.train_directions.T).argmax(1)
 
 
 def retrieval_at(similarity: Tensor, pool: int) -> float:

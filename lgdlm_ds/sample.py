@@ -2,6 +2,7 @@
 from nothing (uncond).
 
     python -m lgdlm_ds.sample PATH l2t --sentences "A sentence." ... | --sentences-file F | --latents F.npy --length N
+                                       | --split validation --num N
     python -m lgdlm_ds.sample PATH t2l --sentences "A sentence." ... | --sentences-file F
     python -m lgdlm_ds.sample PATH uncond --num N --length L [--joint] [--latent-steps K] [--text-steps M]
 
@@ -17,6 +18,12 @@ positions is the length: the source sentence's token count, or ``--length``. Wit
 token comes from the all-[MASK] input at once, exactly the L2T training task; that is the default
 for runs that never trained on partly masked text (no unconditional passes): for them the
 intermediate states of iterative decoding are inputs they never saw.
+
+``--split validation --num N`` decodes the latents of the first N samples of the run's own
+validation split (held-out sentences: their stored latents, their lengths) and sets beside each the
+nearest-neighbour baseline (lgdlm_ds.baselines): the training sentence whose latent is nearest to
+the source latent, re-embedded like the decoded text, so both cosines to the source compare; the
+means of both go to stderr.
 
 T2L runs deterministic DDIM (eta = 0) from pure noise at the largest latent time the run trained
 down to 0, with the configured parameterization (epsilon, x0 or v) and schedule; each step
@@ -55,7 +62,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cli
+from .baselines import MAX_SAMPLES, Baselines
 from .config import Config
+from .data import build_dataset
 from .diffusion import LatentDiffusion
 from .loading import Loaded, load
 from .plan import DDIM_STEPS, ITERATIVE_DECODE_STEPS, ObjectivePlan
@@ -262,16 +271,29 @@ def _tokenize(tok, sentences: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- commands
 
 def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: np.ndarray | None = None,
-               length: int | None = None, steps: int | None = None, guidance: float = 0.0, seed: int = 0,
-               device: str = "cpu") -> list[dict]:
-    """Decode text from the embeddings of ``sentences`` or from ``latents`` [N, D] (encoder space).
+               split: str | None = None, num: int | None = None, length: int | None = None,
+               steps: int | None = None, guidance: float = 0.0, seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Decode text from the embeddings of ``sentences``, from ``latents`` [N, D] (encoder space) or
+    from the first ``num`` samples of the run's ``split`` (with the nearest-neighbour baseline).
     Decoding takes the most likely token at every step, so it is deterministic (with guidance: for
     a seed, which draws the null latent)."""
     cfg, model = loaded.cfg, loaded.model
     tok = _tokenizer(cfg)
     encoder = _encoder(cfg, device)
     S = cfg.model.max_seq_len
-    if sentences is not None:
+    if split is not None:
+        if encoder is None:
+            raise SampleError(f"--split compares re-embedded text with the source latents, and encoder "
+                              f"'{cfg.data.encoder}' cannot be loaded here or does not give {cfg.model.latent_dim}-d "
+                              "latents like this model.")
+        ds = build_dataset(cfg, split)
+        if not 1 <= num <= len(ds):
+            raise SampleError(f"--num must be in [1, {len(ds)}] (the {split} split's samples), got {num}.")
+        held = [ds[i] for i in range(num)]
+        lengths = torch.stack([h["attention_mask"].sum() for h in held]).long()
+        source = loaded.latent_space.to_data(torch.stack([h["latent"] for h in held]).float())
+        sentences = [tok.decode(h["input_ids"][:n], skip_special_tokens=True) for h, n in zip(held, lengths.tolist())]
+    elif sentences is not None:
         if encoder is None:
             raise SampleError(f"encoder '{cfg.data.encoder}' cannot be loaded here or does not give "
                               f"{cfg.model.latent_dim}-d latents like this model; pass latents with --latents "
@@ -296,10 +318,18 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
     texts = [tok.decode(ids[i, :n], skip_special_tokens=True) for i, n in enumerate(lengths.tolist())]
     cosines = (F.cosine_similarity(_embed(encoder, texts), source).tolist() if encoder is not None
                else [None] * len(texts))
-    return [{"index": i, "source": sentences[i] if sentences is not None else f"latents[{i}]",
+    rows = [{"index": i, "source": sentences[i] if sentences is not None else f"latents[{i}]",
              "length": int(lengths[i]), "steps": steps, "guidance": guidance, "text": texts[i],
              "token_ids": ids[i, :int(lengths[i])].tolist(),
              "cosine_to_source": cosines[i]} for i in range(len(texts))]
+    if split is not None:
+        baselines = Baselines.from_split(cfg, "train", loaded.latent_space.to_data, MAX_SAMPLES)
+        nearest = baselines.nearest(loaded.latent_space.to_model(source))
+        neighbours = [tok.decode(baselines.train_ids[j][baselines.train_real[j]], skip_special_tokens=True)
+                      for j in nearest.tolist()]
+        for row, text, cosine in zip(rows, neighbours, F.cosine_similarity(_embed(encoder, neighbours), source)):
+            row.update({"split": split, "nearest_neighbour": text, "nearest_neighbour_cosine": float(cosine)})
+    return rows
 
 
 def sample_t2l(loaded: Loaded, sentences: list[str], *, steps: int | None = None, seed: int = 0,
@@ -388,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--sentences", nargs="+", help="sentences (l2t: decoded from their embeddings)")
     source.add_argument("--sentences-file", help="UTF-8 file, one sentence per line")
     source.add_argument("--latents", help="l2t only: .npy of latents [N, D] or [D] in the encoder's space")
+    source.add_argument("--split", choices=("validation", "train"), help="l2t only: decode the first --num samples "
+                        "of the run's split, beside the nearest-neighbour baseline")
     parser.add_argument("--length", type=int, default=None, help="l2t, uncond: real tokens per decoded text, special "
                         "tokens included (l2t default: the source sentence's; required with --latents and uncond)")
     parser.add_argument("--steps", type=int, default=None, help="l2t: unmasking steps (default: 1 when the run never "
                         f"trained partly masked text, else {ITERATIVE_DECODE_STEPS} at most the length); t2l: DDIM "
                         f"steps (default: 1 when T2L trained only at t=1, else {DDIM_STEPS})")
-    parser.add_argument("--num", type=int, default=None, help="uncond: samples to draw (required)")
+    parser.add_argument("--num", type=int, default=None, help="uncond: samples to draw (required); l2t --split: "
+                        "samples of the split to decode")
     parser.add_argument("--latent-steps", type=int, default=None, help="uncond: DDIM steps of the latent (default: "
                         "t2l's)")
     parser.add_argument("--text-steps", type=int, default=None, help="uncond: unmasking steps of the text (default: "
@@ -424,12 +457,21 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.num is None or args.length is None:
             raise SampleError("uncond needs --num N (samples) and --length L (real tokens per text).")
         return
-    unused = [f"--{n.replace('_', '-')}" for n in ("num", "latent_steps", "text_steps") if getattr(args, n)]
+    if args.split:
+        if args.direction != "l2t":
+            raise SampleError("--split decodes the latents of held-out samples: it is an l2t source; t2l takes "
+                              "--sentences or --sentences-file.")
+        if args.num is None:
+            raise SampleError("--split needs --num N: the first N samples of the split are decoded.")
+        if args.length is not None:
+            raise SampleError("--split decodes each sample at its own length: drop --length.")
+    unused = [f"--{n.replace('_', '-')}" for n in ("num", "latent_steps", "text_steps") if getattr(args, n)
+              and not (n == "num" and args.split)]
     if unused or args.joint:
         raise SampleError(f"{(unused or ['--joint'])[0]} is an uncond option; {args.direction} takes --steps.")
-    if not given:
+    if not given and not args.split:
         raise SampleError(f"{args.direction} needs --sentences or --sentences-file"
-                          f"{' or --latents' if args.direction == 'l2t' else ''}.")
+                          f"{' or --latents or --split' if args.direction == 'l2t' else ''}.")
     if args.direction == "t2l" and args.latents:
         raise SampleError("t2l starts from text: pass --sentences or --sentences-file.")
     if args.latents and not Path(args.latents).is_file():
@@ -442,9 +484,15 @@ def _sample(args: argparse.Namespace) -> None:
     loaded = load(args.path, args.tag, device=args.device, overrides=args.overrides)
     if args.direction == "l2t":
         latents = np.load(args.latents) if args.latents else None
-        rows, z = sample_l2t(loaded, sentences=sentences, latents=latents, length=args.length, steps=args.steps,
-                             guidance=args.guidance, seed=args.seed, device=args.device), None
+        rows, z = sample_l2t(loaded, sentences=sentences, latents=latents, split=args.split, num=args.num,
+                             length=args.length, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                             device=args.device), None
         text = [r["text"] for r in rows]
+        if args.split:
+            model_cos, neighbour_cos = (sum(r[k] for r in rows) / len(rows)
+                                        for k in ("cosine_to_source", "nearest_neighbour_cosine"))
+            print(f"[sample] {len(rows)} {args.split} samples: mean cosine_to_source {model_cos:.3f}, nearest "
+                  f"neighbour {neighbour_cos:.3f}", file=sys.stderr)
     elif args.direction == "t2l":
         rows, z = sample_t2l(loaded, sentences, steps=args.steps, seed=args.seed, guidance=args.guidance,
                              device=args.device)

@@ -169,12 +169,15 @@ def soft_embeddings(hidden: Tensor, weight: Tensor, bias: Tensor, embedding: Ten
     return _GumbelSoftEmbedding.apply(hidden, weight, bias, embedding, soft, chunk)
 
 
+INIT_STD = 0.02  # the older model's init of the head's weight
+
+
 class TextHead(nn.Linear):
-    """Linear(H, V) with the older init (N(0, 0.02), bias 0) and a chunked cross-entropy mode."""
+    """Linear(H, V) with the older init (N(0, INIT_STD), bias 0) and a chunked cross-entropy mode."""
 
     def __init__(self, hidden: int, vocab_size: int):
         super().__init__(hidden, vocab_size)
-        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.weight, std=INIT_STD)
         nn.init.zeros_(self.bias)
 
     def forward(self, hidden: Tensor, targets: Tensor | None = None, categorical: bool = False,

@@ -20,6 +20,7 @@ a resumed run draws exactly what the uninterrupted one drew.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint, crash_points, shm_names, universal, warm_start
+from . import checkpoint, crash_points, shm_names, token_init, universal, warm_start
 from .batching import StepBatches, check_global_batch, global_slots, to_device
 from .config import Config, ConfigError
 from .data import METADATA_FILE, build_dataset, check_metadata, read_metadata
@@ -60,6 +61,8 @@ def preflight(cfg: Config) -> dict:
     _check_data(cfg)
     run_dir = Path(cfg.logging.run_dir)
     resume = checkpoint.find_resume(cfg.training.resume, run_dir / "checkpoints")
+    if resume is None and cfg.model.token_embedding_init:
+        token_init.check(cfg.model.token_embedding_init, cfg.model.vocab_size, cfg.model.hidden_size)
     check_run_directory(cfg, resuming=resume is not None)
     crash_points.target()  # a malformed test hook fails here too
     if resume is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
@@ -145,15 +148,22 @@ class Trainer:
         when it is set (the report goes to the log and to init_report.json); a resumed run loads its
         checkpoint's weights next and never applies model.init_from again. Under ZeRO-3 it is built,
         and warm-started, partitioned over the ranks (partitioned.py): no rank holds the whole model,
-        and the weights are those of a whole build."""
+        and the weights are those of a whole build. model.token_embedding_init likewise applies to a
+        fresh run only (token_init.py)."""
         model_cfg = self.cfg.model
         model = build_model(model_cfg, warm_start=False, ds_config=ds_config)
-        if not model_cfg.init_from:
+        if not (model_cfg.init_from or model_cfg.token_embedding_init):
             return model
         target = checkpoint.find_resume(self.cfg.training.resume, self.run_dir / "checkpoints")
         if target is not None:
-            if self.rank == 0:
+            if self.rank == 0 and model_cfg.init_from:
                 warm_start.log(f"not applied: resuming from {target[0] / target[1]}, whose weights the run continues.")
+            return model
+        if model_cfg.token_embedding_init:
+            token_init.apply_token_init(model, model_cfg.token_embedding_init)
+            if self.rank == 0:
+                print(f"[lgdlm] fresh start: token embedding and text head from the word embeddings of "
+                      f"{model_cfg.token_embedding_init} (model.token_embedding_init)", file=sys.stderr, flush=True)
             return model
         report = warm_start.apply_init_from(model, model_cfg)  # every rank: the same weights everywhere
         if self.rank == 0:

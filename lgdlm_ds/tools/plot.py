@@ -69,18 +69,13 @@ def _numeric(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def _figure(series: dict, keys: list[str], title: str, path: Path, marks: list[tuple[int, str]] = ()) -> None:
+def _grid(keys: list[str], title: str, path: Path, draw) -> None:
+    """A figure of one panel per key, ``draw(ax, key)`` filling each, three panels to a row."""
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        steps, values = series[key]
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
-        for step, reason in marks:
-            ax.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8,
-                       label=f"skipped ({reason})" if (step, reason) == marks[0] else None)
-        if marks and ax is axes.flat[0]:
-            ax.legend(fontsize=7)
+        draw(ax, key)
         ax.ticklabel_format(axis="y", useOffset=False)  # losses near 10.34 read as 10.34, not +1.034e1
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -92,6 +87,18 @@ def _figure(series: dict, keys: list[str], title: str, path: Path, marks: list[t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _figure(series: dict, keys: list[str], title: str, path: Path, marks: list[tuple[int, str]] = ()) -> None:
+    def draw(ax, key):
+        steps, values = series[key]
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
+        for step, reason in marks:
+            ax.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8,
+                       label=f"skipped ({reason})" if (step, reason) == marks[0] else None)
+        if marks and key == keys[0]:
+            ax.legend(fontsize=7)
+    _grid(keys, title, path, draw)
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -135,6 +142,24 @@ def read_evaluations(path: str | Path) -> dict[str, dict]:
         return {path.stem: data}
     raise LogError(f"--evaluation {path}: neither an evaluation (no t2l_latent_cosine) nor an ablation.json "
                    "(no runs).")
+
+
+def eval_curves_figure(run_dirs: dict[str, Path], path: Path, title: str) -> Path | None:
+    """One panel per eval_* value logged by any of the runs (run name -> run directory), a line per run
+    that logs it: the validation losses of several runs during training, on one set of axes each.
+    None (nothing written) when no run logged one (training.eval_every 0)."""
+    series = {name: _numeric(read_log(run_dir)) for name, run_dir in run_dirs.items()}
+    keys = sorted({k for s in series.values() for k in s if k.startswith("eval_")})
+    if not keys:
+        return None
+
+    def draw(ax, key):
+        for c, (name, s) in enumerate(series.items()):
+            if key in s:
+                ax.plot(*s[key], marker=".", linewidth=1.2, color=f"C{c}", label=name)
+        ax.legend(fontsize=6)
+    _grid(keys, title, path, draw)
+    return path
 
 
 def evaluation_figure(evaluations: dict[str, dict], path: Path, title: str) -> Path:
