@@ -1,6 +1,8 @@
 """The docs quote only keys the code has. In README.md, ds_configs/README.md and every
 recipes/**/README.md, each inline-code identifier that is built like a log key is one that a
 training log line or ``lgdlm_ds.evaluate`` can write, and each ``section.key`` is a config field.
+In those and docs/*.md, each ``python -m lgdlm_ds...`` command of a fenced block uses only options
+that its command's --help lists and overrides of config fields.
 
 The log keys are not listed here: they are collected by running the code (a tiny TrainStep of
 every loss mode, lgdlm_ds.evaluate's ``evaluate()``), plus the trainer's line keys and the
@@ -13,13 +15,17 @@ are not claims of a log key either.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import importlib
+import io
 import re
 
 import pytest
 
+from lgdlm_ds.__main__ import COMMANDS
 from lgdlm_ds.config import MODES, Config
 from lgdlm_ds.evaluate import evaluate
 from lgdlm_ds.metrics import LINE_KEYS
@@ -109,3 +115,51 @@ def test_docs_quote_only_log_keys_the_code_writes(doc, log_keys):
 def test_docs_quote_only_config_keys_that_exist(doc):
     bad = unknown_config_keys(doc.read_text(), _code_strings())
     assert not bad, f"{doc.relative_to(ROOT)} quotes config keys that lgdlm_ds.config does not have: {', '.join(bad)}"
+
+
+def fenced_commands(text: str) -> list[list[str]]:
+    """The words of each ``python -m lgdlm_ds...`` command in ``text``'s fenced blocks: continuation
+    lines joined, a trailing comment and anything after a pipe or a redirection left out."""
+    commands = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#|\s[|>]|&&", line)[0]
+            if (start := line.find("python -m lgdlm_ds")) >= 0:
+                words = line[start:].split()
+                if (words + [""])[3 if words[2] == "lgdlm_ds" else 2].islower():  # not a placeholder: COMMAND
+                    commands.append(words)
+    return commands
+
+
+def _help(words: list[str]) -> str:
+    module = COMMANDS[words[3]][0] if words[2] == "lgdlm_ds" else words[2]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    return out.getvalue()
+
+
+def unknown_command_words(text: str) -> list[str]:
+    bad = []
+    for words in fenced_commands(text):
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", _help(words)))
+        for word in words:
+            option = word.split("=", 1)[0]
+            if word.startswith("--") and option not in options:
+                bad.append(f"{' '.join(words[:3])} {option}")
+            if (m := re.fullmatch(r"([a-z]+)\.([a-z_0-9]+)=.*", word)) and m[1] in SECTIONS and m[2] not in SECTIONS[m[1]]:
+                bad.append(f"{' '.join(words[:3])} {m[1]}.{m[2]}")
+    return bad
+
+
+def test_the_command_rule_catches_a_wrong_option_and_key():
+    text = ("```bash\npython -m lgdlm_ds.evaluate runs/x --batches 2 --t2l-step 1 \\\n  model.hidden_sise=3  # --nothing\n"
+            "python -m lgdlm_ds sample runs/x l2t --split validation --num 4 > out.txt\n```\n")
+    assert unknown_command_words(text) == ["python -m lgdlm_ds.evaluate --t2l-step",
+                                           "python -m lgdlm_ds.evaluate model.hidden_sise"]
+
+
+@pytest.mark.parametrize("doc", DOCS + sorted((ROOT / "docs").glob("*.md")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_commands_use_options_and_keys_that_exist(doc):
+    bad = unknown_command_words(doc.read_text())
+    assert not bad, f"{doc.relative_to(ROOT)} quotes commands with options or keys they do not have: {', '.join(bad)}"
