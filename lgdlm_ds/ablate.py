@@ -26,9 +26,11 @@ line printed is one JSON object naming the files.
 ``--report FILE.md`` also writes a report for a results page (docs/results.md): the command, the
 machine and the versions, each run's training time, the table, and the figures copied into a folder
 beside it (FILE/ablation.png and FILE/eval_curves.png, every run's validation losses during
-training, when the runs log them: training.eval_every). Everything below the line ``REPORT_NOTES`` in an existing FILE.md, the reading of the
-table written by hand, is kept. Exit status: 0 done, 1 a run
-failed, 2 bad input, 3 a signal stopped a run after its checkpoint (the same command resumes).
+training, when the runs log them: training.eval_every). Everything below the line ``REPORT_NOTES``
+in an existing FILE.md, the reading of the table written by hand, is kept.
+
+Exit status: 0 done, 1 a run failed, 2 bad input, 3 a signal stopped a run after its checkpoint (the
+same command resumes).
 """
 from __future__ import annotations
 
