@@ -16,7 +16,9 @@ With ``--evaluation FILE`` (the JSON line lgdlm_ds.evaluate prints last, saved t
 group per run: T2L cosine and retrieval (in the batch and over pools of 64) with the one-step x0
 prediction and the DDIM sample side by side, L2T text loss and token accuracy; every baseline
 (``baseline_*``) as a dashed line. The baselines are the first evaluation's: the runs of one
-ablation share their data, hence their baselines. lgdlm_ds.ablate draws it as ``ablation.png``.
+ablation share their data, hence their baselines. lgdlm_ds.ablate draws it as ``ablation.png``, and
+with ``--report`` ``eval_curves.png`` (``eval_curves_figure``): the eval_* values of all its runs
+during training, a line per run.
 
 A resumed run logs the steps after its checkpoint again; only the last line per step, the one
 the run continued from, is plotted (``metrics.read_log``). Prints one JSON line naming the files
