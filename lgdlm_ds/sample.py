@@ -281,11 +281,12 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
     tok = _tokenizer(cfg)
     encoder = _encoder(cfg, device)
     S = cfg.model.max_seq_len
+    if (split is not None or sentences is not None) and encoder is None:
+        fix = ("--split compares re-embedded text with the source latents" if split is not None
+               else "pass latents with --latents instead of sentences")
+        raise SampleError(f"encoder '{cfg.data.encoder}' cannot be loaded here or does not give "
+                          f"{cfg.model.latent_dim}-d latents like this model; {fix}.")
     if split is not None:
-        if encoder is None:
-            raise SampleError(f"--split compares re-embedded text with the source latents, and encoder "
-                              f"'{cfg.data.encoder}' cannot be loaded here or does not give {cfg.model.latent_dim}-d "
-                              "latents like this model.")
         ds = build_dataset(cfg, split)
         if not 1 <= num <= len(ds):
             raise SampleError(f"--num must be in [1, {len(ds)}] (the {split} split's samples), got {num}.")
@@ -294,10 +295,6 @@ def sample_l2t(loaded: Loaded, *, sentences: list[str] | None = None, latents: n
         source = loaded.latent_space.to_data(torch.stack([h["latent"] for h in held]).float())
         sentences = [tok.decode(h["input_ids"][:n], skip_special_tokens=True) for h, n in zip(held, lengths.tolist())]
     elif sentences is not None:
-        if encoder is None:
-            raise SampleError(f"encoder '{cfg.data.encoder}' cannot be loaded here or does not give "
-                              f"{cfg.model.latent_dim}-d latents like this model; pass latents with --latents "
-                              "instead of sentences.")
         source = _embed(encoder, sentences)
         lengths = _tokenize(tok, sentences, S)[1] if length is None else torch.full((len(sentences),), length)
     else:
